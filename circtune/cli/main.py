@@ -1,0 +1,61 @@
+"""``circtune`` entry point: dispatches to one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+from .. import __version__
+from . import demo
+
+# Each subcommand module provides NAME, HELP, add_arguments(parser) and run(args) -> int.
+SUBCOMMANDS = (demo,)
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: one line, the subcommand's help, exit status 2."""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(prog="circtune", description=__doc__.splitlines()[0].replace("``", "'"))
+    parser.add_argument("--version", action="version", version=f"circtune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parsers = {}
+    for module in SUBCOMMANDS:
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+        parsers[module.NAME] = p
+    return parser, parsers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, parsers = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args._run(args)
+    except (UsageError, ValueError) as e:
+        if args.debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"circtune {args.command}: error: {first}", file=sys.stderr)
+        rest = str(e).splitlines()[1:]
+        if rest:
+            print("\n".join(rest), file=sys.stderr)
+        if isinstance(e, UsageError):
+            parsers[args.command].print_usage(sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"circtune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

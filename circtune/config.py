@@ -1,0 +1,162 @@
+"""The adapter config file: which layer gets which circulant adapter, versioned and validated.
+
+```json
+{"format": "circtune.adapter/1", "base_model": "roberta-large",
+ "layers": {"roberta.encoder.layer.0.attention.self.query":
+            {"method": "c3a", "block_size": 64, "factors": null, "transform": "rfft", "backend": "torch"}},
+ "...": "any further metadata (budget, device, totals) is kept as it is"}
+```
+Loading reports every problem at once, each with the key that caused it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .adapters import C3A_INITS, TRANSFORMS, available_backends
+
+FORMAT = "circtune.adapter/1"
+METHODS = ("c3a", "cdvft")
+_LAYER_KEYS = ("method", "block_size", "factors", "transform", "backend", "alpha", "init")
+
+
+class AdapterConfigError(ValueError):
+    """An adapter config that cannot be used; the message lists every problem with its key."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        super().__init__(f"invalid adapter config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """One target layer's adapter."""
+
+    method: str  # "c3a" or "cdvft"
+    block_size: int  # p: divides both d_in and d_out of the layer
+    factors: int | None = None  # cdvft: number of diagonal factors m >= 2; c3a: None
+    transform: str = "rfft"  # "rfft" or "fft" (ignored by the dense backend)
+    backend: str = "torch"  # a name from circtune.available_backends()
+    alpha: float = 1.0  # cdvft: scale of ΔW
+    init: str = "zeros"  # c3a: kernel initialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.method == "c3a":
+            del d["alpha"]
+        else:
+            del d["init"]
+        return d
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _layer_problems(key: str, raw: Any) -> list[str]:
+    if not isinstance(raw, Mapping):
+        return [f"{key}: expected an object with keys {', '.join(_LAYER_KEYS)}, got {type(raw).__name__}"]
+    problems = [f"{key}.{k}: unknown key; accepted: {', '.join(_LAYER_KEYS)}" for k in raw if k not in _LAYER_KEYS]
+    method = raw.get("method")
+    if method not in METHODS:
+        problems.append(f"{key}.method: {method!r} is not a method; accepted: {', '.join(METHODS)}")
+    p = raw.get("block_size")
+    if not _is_int(p) or p < 1:
+        problems.append(f"{key}.block_size: {p!r} is not a positive integer")
+    m = raw.get("factors")
+    if method == "cdvft" and m is not None and (not _is_int(m) or m < 2):
+        problems.append(f"{key}.factors: {m!r} is not valid for cdvft; accepted: an integer >= 2")
+    if method == "c3a" and m not in (None, 1):
+        problems.append(f"{key}.factors: {m!r} is not valid for c3a; accepted: null (c3a has one circulant factor)")
+    if raw.get("transform", "rfft") not in TRANSFORMS:
+        problems.append(f"{key}.transform: {raw.get('transform')!r} is not a transform; accepted: "
+                        f"{', '.join(TRANSFORMS)}")
+    if raw.get("backend", "torch") not in available_backends():
+        problems.append(f"{key}.backend: {raw.get('backend')!r} is not a backend here; accepted: "
+                        f"{', '.join(available_backends())}")
+    alpha = raw.get("alpha", 1.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        problems.append(f"{key}.alpha: {alpha!r} is not a number")
+    if raw.get("init", "zeros") not in C3A_INITS:
+        problems.append(f"{key}.init: {raw.get('init')!r} is not an init; accepted: {', '.join(C3A_INITS)}")
+    return problems
+
+
+@dataclass
+class AdapterConfig:
+    """A whole model's adapter assignment plus free-form metadata (budget, device, totals, command, ...)."""
+
+    base_model: str
+    layers: dict[str, LayerConfig]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> AdapterConfig:
+        if not isinstance(data, Mapping):
+            raise AdapterConfigError(source, [f"top level: expected a JSON object, got {type(data).__name__}"])
+        problems = []
+        if data.get("format") != FORMAT:
+            problems.append(f"format: {data.get('format')!r} is not supported; accepted: {FORMAT!r}")
+        base_model = data.get("base_model")
+        if not isinstance(base_model, str) or not base_model:
+            problems.append(f"base_model: expected a non-empty string, got {base_model!r}")
+        raw_layers = data.get("layers")
+        if not isinstance(raw_layers, Mapping) or not raw_layers:
+            problems.append(f"layers: expected a non-empty object of module name -> adapter, got {raw_layers!r}")
+            raw_layers = {}
+        layers = {}
+        for name, raw in raw_layers.items():
+            layer_problems = _layer_problems(f"layers[{name!r}]", raw)
+            problems += layer_problems
+            if not layer_problems:
+                kw = {k: raw[k] for k in _LAYER_KEYS if k in raw}
+                if kw["method"] == "cdvft" and kw.get("factors") is None:
+                    kw["factors"] = 2
+                if kw["method"] == "c3a":
+                    kw["factors"] = None
+                layers[name] = LayerConfig(**kw)
+        if problems:
+            raise AdapterConfigError(source, problems)
+        metadata = {k: v for k, v in data.items() if k not in ("format", "base_model", "layers")}
+        return cls(base_model=base_model, layers=layers, metadata=metadata)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "base_model": self.base_model,
+                "layers": {name: lc.to_dict() for name, lc in self.layers.items()}, **self.metadata}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the JSON atomically (a temporary file renamed), so a reader never sees half a file."""
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AdapterConfig:
+        path = os.fspath(path)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise AdapterConfigError(path, ["file not found"]) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AdapterConfigError(path, [f"not valid JSON: {e}"]) from None
+        return cls.from_dict(data, source=path)
+
+
+def load_config(config: AdapterConfig | Mapping | str | os.PathLike) -> AdapterConfig:
+    """An AdapterConfig from itself, a dict, or a JSON file path."""
+    if isinstance(config, AdapterConfig):
+        return config
+    if isinstance(config, Mapping):
+        return AdapterConfig.from_dict(config)
+    if isinstance(config, str | os.PathLike):
+        return AdapterConfig.load(config)
+    raise TypeError(f"config must be an AdapterConfig, a dict or a path, got {type(config).__name__}")

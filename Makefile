@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/circtune demo
 
 test: $(STAMP)
-	$(BIN)/ruff check circtune kernels search_spaces tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

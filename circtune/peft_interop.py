@@ -33,22 +33,36 @@ def _require_peft():
     return peft
 
 
+def _peft_pattern_key(name: str) -> str:
+    """A ``block_size_pattern`` key that PEFT's C3A matches against exactly one module, ``name``.
+
+    PEFT 0.21 matches ``re.match(rf".*\\.{key}$", module_name)``: a key must follow a dot, so a plain full name
+    never matches. The key is the last component, with a fixed-width lookbehind anchoring the rest of the name.
+    """
+    prefix, _, last = name.rpartition(".")
+    return f"(?<=^{re.escape(prefix)}\\.){re.escape(last)}"
+
+
 def to_peft_config(config: AdapterConfig | Mapping | str | os.PathLike):
     """A ``peft.C3AConfig`` equivalent to ``config``; every layer must be C3A.
 
-    ``target_modules`` lists the full module names and ``block_size_pattern`` has one entry per layer; PEFT
-    matches pattern keys as regular expressions, so the names are escaped to match exactly one module.
+    ``target_modules`` lists the full module names; ``block_size_pattern`` has one entry per nested layer that
+    matches that layer alone (see :func:`_peft_pattern_key`). Top-level layers (no dot in the name) cannot be
+    matched by PEFT's patterns and take ``block_size``, so they must agree on it.
     """
     peft = _require_peft()
     cfg = load_config(config)
     not_c3a = [f"{name} ({lc.method})" for name, lc in cfg.layers.items() if lc.method != "c3a"]
     if not_c3a:
         raise ValueError("PEFT's C3AConfig can only express C3A layers; these are not: " + ", ".join(not_c3a))
+    top = {name: lc.block_size for name, lc in cfg.layers.items() if "." not in name}
+    if len(set(top.values())) > 1:
+        raise ValueError(f"PEFT's C3AConfig cannot give top-level modules different block sizes: {top}")
     sizes = Counter(lc.block_size for lc in cfg.layers.values())
     return peft.C3AConfig(
-        block_size=sizes.most_common(1)[0][0],
+        block_size=next(iter(top.values())) if top else sizes.most_common(1)[0][0],
         target_modules=list(cfg.layers),
-        block_size_pattern={re.escape(name): lc.block_size for name, lc in cfg.layers.items()},
+        block_size_pattern={_peft_pattern_key(n): lc.block_size for n, lc in cfg.layers.items() if "." in n},
         init_weights=True,  # zeros, as circtune's default: a no-op adapter until trained or loaded
     )
 

@@ -47,7 +47,7 @@ def _net():
 def test_to_peft_config_has_one_pattern_per_layer():
     pc = circtune.to_peft_config(CONFIG)
     assert pc.block_size == 32 and set(pc.target_modules) == {"block.a", "block.b", "head"}
-    assert pc.block_size_pattern == {r"block\.a": 32, r"block\.b": 16, "head": 32}
+    assert pc.block_size_pattern == {r"(?<=^block\.)a": 32, r"(?<=^block\.)b": 16}
     cfg = {**CONFIG, "layers": {**CONFIG["layers"], "head": {"method": "cdvft", "block_size": 32}}}
     with pytest.raises(ValueError, match=r"only express C3A layers; these are not: head \(cdvft\)"):
         circtune.to_peft_config(cfg)

@@ -59,6 +59,7 @@ def apply_adapter(model: nn.Module, config: AdapterConfig | Mapping | str | os.P
     """
     cfg = load_config(config)
     modules = dict(model.named_modules())
+    trainable = {p: p.requires_grad for p in model.parameters()}  # layers freeze their base when built
     problems, built = [], {}
     for name, lc in cfg.layers.items():
         key = f"layers[{name!r}]"
@@ -77,6 +78,8 @@ def apply_adapter(model: nn.Module, config: AdapterConfig | Mapping | str | os.P
             except ValueError as e:
                 problems.append(f"{key}: {e}")
     if problems:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
         raise AdapterConfigError(f"for {type(model).__name__}", problems)
     # Freeze before swapping in: the adapter layers' own parameters are not in the model yet and stay trainable.
     model.requires_grad_(False)

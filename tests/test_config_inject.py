@@ -29,6 +29,14 @@ def _config():
     return {"format": FORMAT, "base_model": "tiny-roberta", "layers": layers, "budget": 1000}
 
 
+@torch.no_grad()
+def _randomize_adapters(model):
+    """Adapters start at ΔW = 0; random values make every factor show in outputs and gradients."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.normal_(0, 0.1)
+
+
 IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
@@ -38,10 +46,7 @@ def test_injection_trainable_count_and_training():
     # query 96x96 p=48: 192 each; value p=32: 288 each; cdvft 96->192 p=96, m=3: 96 + 2*192 + 192 + 384.
     assert sum(trainable.values()) == 2 * 192 + 2 * 288 + (96 + 2 * 192 + 96 * 192 // 96 + 192 * 192 // 96)
     assert all(".kernel" in n or ".diagonals." in n or ".circulants." in n for n in trainable)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
+    _randomize_adapters(model)
     model(input_ids=IDS).last_hidden_state.sum().backward()
     for n, p in model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, n
@@ -99,10 +104,8 @@ def test_apply_errors_name_each_layer_and_leave_the_model_untouched():
 
 def test_save_load_round_trip_and_errors(tmp_path):
     model = circtune.apply_adapter(_model(), _config())
+    _randomize_adapters(model)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
         expected = model(input_ids=IDS).last_hidden_state
     path = tmp_path / "adapter.safetensors"
     circtune.save_adapter(model, path)
@@ -131,10 +134,8 @@ def test_save_load_round_trip_and_errors(tmp_path):
 
 def test_merge_adapter_unloads_to_plain_linears():
     model = circtune.apply_adapter(_model(), _config())
+    _randomize_adapters(model)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
         expected = model(input_ids=IDS).last_hidden_state
         merged = circtune.merge_adapter(model)
         assert type(merged.encoder.layer[0].attention.self.query) is nn.Linear

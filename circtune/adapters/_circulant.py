@@ -90,8 +90,7 @@ def _spectrum_dtype(real: torch.dtype) -> torch.dtype:
 
 
 def _forward_transform(v: torch.Tensor, transform: str) -> torch.Tensor:
-    spec = torch.fft.rfft(v, dim=-1) if transform == "rfft" else torch.fft.fft(v, dim=-1)
-    return spec
+    return torch.fft.rfft(v, dim=-1) if transform == "rfft" else torch.fft.fft(v, dim=-1)
 
 
 def _inverse_transform(spec: torch.Tensor, p: int, transform: str) -> torch.Tensor:

@@ -118,8 +118,12 @@ class CirculantLinear(nn.Module):
         w.sub_(self.delta_weight().to(w.dtype))
         self.merged = False
 
+    def adapter_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The adapter's own parameters (the base layer's excluded), by name."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+
     def num_adapter_params(self) -> int:
-        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("base_layer."))
+        return sum(p.numel() for _, p in self.adapter_named_parameters())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "

@@ -92,9 +92,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' own parameters (no base weights), keyed ``<module name>.<parameter name>``."""
     state = {}
     for name, layer in adapter_layers(model).items():
-        for pname, p in layer.named_parameters():
-            if not pname.startswith("base_layer."):
-                state[f"{name}.{pname}"] = p.detach()
+        for pname, p in layer.adapter_named_parameters():
+            state[f"{name}.{pname}"] = p.detach()
     return state
 
 

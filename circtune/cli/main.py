@@ -8,10 +8,10 @@ import traceback
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo
+from . import demo, devices, models, profile
 
 # Each subcommand module provides NAME, HELP, add_arguments(parser) and run(args) -> int.
-SUBCOMMANDS = (demo,)
+SUBCOMMANDS = (profile, models, devices, demo)
 
 
 class UsageError(Exception):

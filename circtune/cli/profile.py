@@ -1,0 +1,144 @@
+"""``circtune profile``: measure every candidate adapter of a model's target shapes on this device."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+NAME = "profile"
+HELP = "measure latency, memory and FLOPs of every candidate adapter configuration on this device"
+
+# Defaults that fit the device: a GPU step is milliseconds, a CPU step of a 1024 x 1024 layer tens of them.
+CPU_DEFAULTS = {"tokens": 512, "warmup": 2, "min_reps": 10, "max_reps": 60, "min_time": 0.5}
+GPU_DEFAULTS = {"tokens": 4096, "warmup": 10, "min_reps": 30, "max_reps": 300, "min_time": 0.5}
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments that say what to profile and how; shared with ``circtune search``."""
+    p.add_argument("--model", default="roberta-large",
+                   help="built-in name (see `circtune models`), a folder with config.json, or module:callable "
+                        "(default: %(default)s)")
+    p.add_argument("--targets", action="append", metavar="NAMES",
+                   help="target module names, comma-separated or repeated (default: per model family)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--tokens", type=int, help="tokens per step: rows of x (default: 512 on the CPU, 4096 on a GPU)")
+    size.add_argument("--batch-size", type=int, help="with --seq-len: tokens = batch size x sequence length")
+    p.add_argument("--seq-len", type=int, help="sequence length (with --batch-size)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="training dtype (default: the space's dtypes; 'auto' = bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--space", default="default",
+                   help="search-space TOML file or built-in name: default, encoder, vision, decoder "
+                        "(default: %(default)s)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's default, the physical cores)")
+    p.add_argument("--store", help="measurement store: a SQLAlchemy URL or a SQLite file path "
+                                   "(default: OUT/circtune.db)")
+    p.add_argument("--out", help="output folder (default: reports/<model>-<device>)")
+    timing = p.add_argument_group("timing (defaults fit the device)")
+    timing.add_argument("--warmup", type=int, help="untimed steps first (CPU 2, GPU 10)")
+    timing.add_argument("--min-reps", type=int, help="at least this many timed steps (CPU 10, GPU 30)")
+    timing.add_argument("--max-reps", type=int, help="at most this many timed steps (CPU 60, GPU 300)")
+    timing.add_argument("--min-time", type=float, help="keep timing until this many seconds passed (0.5)")
+    p.add_argument("--lora-ranks", type=int, nargs="+", default=[], metavar="R",
+                   help="LoRA ranks to measure besides the ones matching each candidate's parameter count")
+    p.add_argument("--no-peft", action="store_true", help="skip the PEFT C3A baseline")
+    p.add_argument("--retry-failed", action="store_true", help="measure failed rows of the store again")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--top", type=int, help="rows per shape in the printed table (default: all)")
+
+
+def _positive(name: str, value: int | float | None) -> None:
+    from .main import UsageError
+
+    if value is not None and value <= 0:
+        raise UsageError(f"{name} must be positive, got {value}")
+
+
+def prepare(args: argparse.Namespace):
+    """Resolve the model, space, device, settings, output folder and store from the arguments."""
+    from ..measure.device import describe_device
+    from ..measure.profiler import ProfileSettings, plan_shapes
+    from ..measure.store import MeasurementStore
+    from ..measure.timing import TimingSettings
+    from ..models import resolve_model
+    from ..space import load_space, resolve_dtype
+    from .main import UsageError
+
+    for name in ("tokens", "batch_size", "seq_len", "threads", "warmup", "min_reps", "max_reps", "min_time"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if (args.batch_size is None) != (args.seq_len is None):
+        raise UsageError("--batch-size and --seq-len go together (tokens = batch size x sequence length)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = resolve_model(args.model, _split(args.targets))
+    space = load_space(args.space)
+    info = describe_device(args.device, threads=args.threads)
+    device = torch.device(info.kind if info.index is None else f"{info.kind}:{info.index}")
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    tokens = args.tokens or (args.batch_size * args.seq_len if args.batch_size else defaults["tokens"])
+    dtypes = tuple(dict.fromkeys(resolve_dtype(d, device) for d in ([args.dtype] if args.dtype else space.dtypes)))
+    timing = TimingSettings(warmup=args.warmup if args.warmup is not None else defaults["warmup"],
+                            min_reps=args.min_reps or defaults["min_reps"],
+                            max_reps=args.max_reps or max(defaults["max_reps"], args.min_reps or 0),
+                            min_time_s=args.min_time if args.min_time is not None else defaults["min_time"])
+    if timing.min_reps > timing.max_reps:
+        raise UsageError(f"--min-reps {timing.min_reps} is larger than --max-reps {timing.max_reps}")
+    settings = ProfileSettings(tokens=tokens, dtypes=dtypes, device=device, timing=timing)
+    out = Path(args.out) if args.out else Path("reports") / f"{model.name}-{info.label}"
+    store = MeasurementStore(args.store or out / "circtune.db")
+    plans = plan_shapes(model, space, device, peft=False if args.no_peft else None, lora_ranks=args.lora_ranks)
+    return model, space, info, settings, out, store, plans
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..measure.profiler import run_profile
+    from ..measure.store import to_frame
+    from ..measure.summary import summary_table
+
+    started = time.perf_counter()
+    model, space, info, settings, out, store, plans = prepare(args)
+    n_cand = sum(len(p.candidates) + len(p.baselines) for p in plans) * len(settings.dtypes)
+    print(f"circtune profile: {model.name}, {len(model.targets)} target layers, {len(plans)} unique shapes, "
+          f"{n_cand} configurations (candidates + baselines) on {info.name}"
+          f"{f' ({torch.get_num_threads()} threads)' if info.kind == 'cpu' else ''}; "
+          f"{settings.tokens} tokens, {', '.join(settings.dtypes)}; space: {space.source}", file=sys.stderr)
+    try:
+        result = run_profile(plans, settings, store, info, retry_failed=args.retry_failed, progress=not args.quiet)
+    finally:
+        store.close()
+    out.mkdir(parents=True, exist_ok=True)
+    frame = to_frame(result.measurements, model.name, model.shapes)
+    frame.to_csv(out / "measurements.csv", index=False)
+    summary = {
+        "model": model.to_dict(), "space": asdict(space), "device": info.to_dict(), "store": store.url,
+        "tokens": settings.tokens, "dtypes": list(settings.dtypes), "timing": asdict(settings.timing),
+        "command": "circtune " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("circtune") else None,
+        "measured": result.measured, "reused": result.reused, "failed": len(result.failed),
+        "excluded": {f"{p.d_in}x{p.d_out}": [{"what": e.what, "reason": e.reason} for e in p.excluded]
+                     for p in plans},
+    }
+    (out / "profile.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(summary_table(frame, top=args.top))
+    for p in plans:
+        for e in p.excluded:
+            print(f"excluded for {p.d_in}x{p.d_out}: {e.what}: {e.reason}")
+    print(f"{result.measured} measured, {result.reused} already in the store, {len(result.failed)} failed; "
+          f"{time.perf_counter() - started:.1f} s. Wrote {out / 'measurements.csv'} and {out / 'profile.json'}; "
+          f"store: {store.url}")
+    return 0

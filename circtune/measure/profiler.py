@@ -1,0 +1,190 @@
+"""The profiler: measure every candidate of a model's target shapes on one device, and keep the numbers.
+
+For each unique target shape, the plan holds the space's valid candidates and the baselines (base layer, LoRA at
+the closest rank, PEFT's C3A). Each one is measured on a fresh layer of that shape (random weights, the base
+frozen, x of ``[tokens, d_in]`` requiring grad, a fixed upstream gradient, AdamW over the trainable parameters):
+
+1. one step, whose output and gradients must be finite (else the row records ``non-finite ...``);
+2. timing (:mod:`.timing`): forward, backward and whole step, quartiles over many repetitions, each repetition
+   beside one of the frozen base layer alone (what the layer adds is the difference of the two);
+3. peak memory of one step (:mod:`.memory`);
+4. FLOPs (:mod:`.flops`): forward with fvcore, forward + backward with FlopCounterMode.
+
+A candidate that runs out of memory, produces NaN/Inf or raises is recorded with the reason and the run goes on;
+every result is committed to the store at once, and keys the store already holds are not measured again.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models import ModelInfo
+from ..space import DTYPES, Candidate, Exclusion, SearchSpace, baselines, expand
+from .baselines import build_module, peft_available
+from .flops import count_flops
+from .memory import peak_step_memory
+from .store import Measurement, MeasurementKey, MeasurementStore
+from .timing import TimingSettings, run_step, time_step
+
+
+@dataclass(frozen=True)
+class ShapePlan:
+    d_in: int
+    d_out: int
+    layers: int  # target layers with this shape
+    candidates: tuple[Candidate, ...]
+    baselines: tuple[Candidate, ...]
+    excluded: tuple[Exclusion, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.d_in, self.d_out
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    tokens: int
+    dtypes: tuple[str, ...]  # resolved: fp32 / bf16 / fp16
+    device: torch.device
+    timing: TimingSettings = TimingSettings()
+    flops: bool = True
+    memory: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    d_in: int
+    d_out: int
+    dtype: str
+    candidate: Candidate
+
+
+@dataclass
+class ProfileResult:
+    measurements: list[Measurement] = field(default_factory=list)  # every row of the plan, new and stored
+    measured: int = 0  # taken in this run
+    reused: int = 0  # found in the store
+
+    @property
+    def failed(self) -> list[Measurement]:
+        return [m for m in self.measurements if not m.ok]
+
+
+def plan_shapes(model: ModelInfo, space: SearchSpace, device: torch.device | str, *, peft: bool | None = None,
+                lora_ranks: Sequence[int] = ()) -> list[ShapePlan]:
+    """Candidates, baselines and exclusions for every unique target shape of ``model``."""
+    peft = peft_available() if peft is None else peft
+    plans = []
+    for (d_in, d_out), count in model.shapes.items():
+        candidates, excluded = expand(space, d_in, d_out, device)
+        extra = baselines(candidates, d_in, d_out, peft=peft, lora_ranks=lora_ranks)
+        plans.append(ShapePlan(d_in, d_out, count, tuple(candidates), tuple(extra), tuple(excluded)))
+    return plans
+
+
+def jobs_for(plans: Iterable[ShapePlan], dtypes: Iterable[str]) -> list[Job]:
+    """Every measurement of the plan; each shape's base layer first (the reference of its other rows)."""
+    return [Job(p.d_in, p.d_out, dtype, c) for dtype in dtypes for p in plans for c in (*p.baselines, *p.candidates)]
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(e).lower()
+
+
+def _check_finite(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    if not torch.isfinite(y).all():
+        raise NonFiniteError("forward output has NaN/Inf")
+    if x.grad is not None and not torch.isfinite(x.grad).all():
+        raise NonFiniteError("input gradient has NaN/Inf")
+    for name, p in layer.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            raise NonFiniteError(f"gradient of {name} has NaN/Inf")
+
+
+def measure_job(job: Job, settings: ProfileSettings, key: MeasurementKey, device_name: str,
+                build: Callable[[Candidate, nn.Linear], nn.Module] = build_module) -> Measurement:
+    """Measure one job; failures become a Measurement whose status says why (never raised, except Ctrl-C)."""
+    device, dtype = settings.device, DTYPES[job.dtype]
+    params = job.candidate.params(job.d_in, job.d_out)
+    record = {"key": key, "device_name": device_name, "params": params,
+              "settings": {"warmup": settings.timing.warmup, "min_reps": settings.timing.min_reps,
+                           "max_reps": settings.timing.max_reps, "min_time_s": settings.timing.min_time_s,
+                           "threads": torch.get_num_threads() if device.type == "cpu" else None,
+                           "seed": settings.seed}}
+    torch.manual_seed(settings.seed)
+    layer = x = grad = optimizer = base = reference = None
+    try:
+        base = nn.Linear(job.d_in, job.d_out, device=device, dtype=dtype)
+        layer = build(job.candidate, base)
+        reference = None if job.candidate.method == "none" else base
+        trainable = [p for p in layer.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+        x = torch.randn(settings.tokens, job.d_in, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(settings.tokens, job.d_out, device=device, dtype=dtype)
+        _check_finite(layer, x, run_step(layer, x, grad, optimizer))
+        timing, ref = time_step(layer, x, grad, optimizer, settings.timing, reference)
+        _check_finite(layer, x, run_step(layer, x, grad, optimizer))
+        peak = peak_step_memory(layer, x, grad, optimizer) / 2**20 if settings.memory else None
+        flops = count_flops(layer, x, grad) if settings.flops else None
+        return Measurement(**record, status="ok", fwd=timing.fwd, bwd=timing.bwd, step=timing.step,
+                           peak_mem_mb=peak, flops_fwd=flops and flops.fwd, flops_fwd_bwd=flops and flops.fwd_bwd,
+                           reps=timing.reps, ref_fwd_ms=ref and ref.fwd.median, ref_bwd_ms=ref and ref.bwd.median,
+                           ref_step_ms=ref and ref.step.median)
+    except NonFiniteError as e:
+        return Measurement(**record, status=f"non-finite: {e}")
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        if _is_oom(e):
+            return Measurement(**record, status=f"out of memory: {first}")
+        return Measurement(**record, status=f"error: {type(e).__name__}: {first}")
+    finally:
+        del layer, x, grad, optimizer, base, reference
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_profile(plans: Sequence[ShapePlan], settings: ProfileSettings, store: MeasurementStore, device_info, *,
+                retry_failed: bool = False, progress: bool = True,
+                build: Callable[[Candidate, nn.Linear], nn.Module] = build_module) -> ProfileResult:
+    """Measure every job of ``plans`` that ``store`` does not hold yet (and, with ``retry_failed``, the failed
+    ones again). ``device_info`` is a :class:`~circtune.measure.device.DeviceInfo` of ``settings.device``."""
+    from tqdm.auto import tqdm
+
+    sw = device_info.software
+    store.register_device(device_info.fingerprint, device_info.name, device_info.to_dict())
+    result = ProfileResult()
+    rows: list[Measurement | None] = []
+    todo = []
+    for job in jobs_for(plans, settings.dtypes):
+        key = MeasurementKey(device_info.fingerprint, sw["torch"], sw.get("triton") or "", sw["circtune"],
+                             job.d_in, job.d_out, settings.tokens, job.dtype, job.candidate)
+        stored = store.get(key)
+        if stored is not None and (stored.ok or not retry_failed):
+            result.reused += 1
+            rows.append(stored)
+        else:
+            todo.append((len(rows), job, key, stored))
+            rows.append(None)
+    bar = tqdm(todo, desc="profiling", unit="config", disable=not progress or not todo, dynamic_ncols=True)
+    for index, job, key, stored in bar:
+        bar.set_postfix_str(f"{job.d_in}x{job.d_out} {job.dtype} {job.candidate.label}", refresh=False)
+        m = measure_job(job, settings, key, device_info.name, build)
+        if stored is not None:
+            store.delete(key)
+        if not store.add(m):  # another worker stored this key first: keep theirs
+            m = store.get(key) or m
+        rows[index] = m
+        result.measured += 1
+    result.measurements = [m for m in rows if m is not None]
+    return result

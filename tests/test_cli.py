@@ -22,3 +22,51 @@ def test_usage_error_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "circtune demo: error: --steps must be at least 1, got 0" in err
     assert "Traceback" not in err
+
+
+def _profile_args(tmp_path, *extra):
+    space = tmp_path / "space.toml"
+    space.write_text('methods = ["c3a"]\nblock_sizes = [16, 24]\ntransforms = ["rfft"]\nbackends = ["torch"]\n')
+    return ["profile", "--model", "tiny_models:two_shapes", "--targets", "up,square", "--space", str(space),
+            "--tokens", "12", "--warmup", "0", "--min-reps", "2", "--max-reps", "2", "--min-time", "0",
+            "--no-peft", "--quiet", "--out", str(tmp_path / "out"), *extra]
+
+
+def test_profile_writes_csv_and_a_second_run_measures_nothing(tmp_path, capsys):
+    import pandas as pd
+
+    from circtune.measure.store import CSV_COLUMNS
+
+    assert main(_profile_args(tmp_path)) == 0
+    out = capsys.readouterr().out
+    frame = pd.read_csv(tmp_path / "out" / "measurements.csv", keep_default_na=False)
+    assert tuple(frame.columns[: len(CSV_COLUMNS)]) == CSV_COLUMNS
+    # 48x96: c3a p=16, 24 + base + LoRA ranks; 64x64: p=16 + base + LoRA.
+    assert set(frame.status) == {"ok"}
+    assert sorted(frame[frame.method == "c3a"].block_size.astype(int).tolist()) == [16, 16, 24]
+    assert "48 x 96 (2 layers), 12 tokens, fp32: base layer step" in out
+    assert "fastest candidate" in out and "c3a p=16 rfft/torch" in out
+    assert "excluded for 64x64: block_size=24: p=24 does not divide" in out
+    assert f"{len(frame)} measured, 0 already in the store, 0 failed" in out
+    assert (tmp_path / "out" / "circtune.db").exists() and (tmp_path / "out" / "profile.json").exists()
+
+    assert main(_profile_args(tmp_path)) == 0
+    assert f"0 measured, {len(frame)} already in the store" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tokens", "0"], "--tokens must be positive, got 0"),
+    (["--min-reps", "5", "--max-reps", "3"], "--min-reps 5 is larger than --max-reps 3"),
+    (["--device", "cuda:7"], "cuda:7"),
+    (["--targets", "nope"], "nope"),
+])
+def test_profile_usage_errors(tmp_path, capsys, extra, message):
+    assert main(_profile_args(tmp_path, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("circtune profile: error:") and message in err and "Traceback" not in err
+
+
+def test_profile_batch_and_seq_len_go_together(tmp_path, capsys):
+    args = [a for a in _profile_args(tmp_path) if a not in ("--tokens", "12")]
+    assert main([*args, "--batch-size", "2"]) == 2
+    assert "--batch-size and --seq-len go together" in capsys.readouterr().err

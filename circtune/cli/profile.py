@@ -63,11 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, help="rows per shape in the printed table (default: all)")
 
 
-def _positive(name: str, value: int | float | None) -> None:
+def _check(name: str, value: int | float | None, least: int = 1) -> None:
     from .main import UsageError
 
-    if value is not None and value <= 0:
-        raise UsageError(f"{name} must be positive, got {value}")
+    if value is not None and value < least:
+        raise UsageError(f"{name} must be {'positive' if least else 'zero or more'}, got {value}")
 
 
 def prepare(args: argparse.Namespace):
@@ -80,8 +80,8 @@ def prepare(args: argparse.Namespace):
     from ..space import load_space, resolve_dtype
     from .main import UsageError
 
-    for name in ("tokens", "batch_size", "seq_len", "threads", "warmup", "min_reps", "max_reps", "min_time"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    for name in ("tokens", "batch_size", "seq_len", "threads", "min_reps", "max_reps", "warmup", "min_time"):
+        _check("--" + name.replace("_", "-"), getattr(args, name), least=0 if name in ("warmup", "min_time") else 1)
     if (args.batch_size is None) != (args.seq_len is None):
         raise UsageError("--batch-size and --seq-len go together (tokens = batch size x sequence length)")
     if args.threads is not None:

@@ -123,6 +123,7 @@ def measure_job(job: Job, settings: ProfileSettings, key: MeasurementKey, device
                            "seed": settings.seed}}
     torch.manual_seed(settings.seed)
     layer = x = grad = optimizer = base = reference = None
+    failed = False
     try:
         base = nn.Linear(job.d_in, job.d_out, device=device, dtype=dtype)
         layer = build(job.candidate, base)
@@ -143,13 +144,15 @@ def measure_job(job: Job, settings: ProfileSettings, key: MeasurementKey, device
     except NonFiniteError as e:
         return Measurement(**record, status=f"non-finite: {e}")
     except Exception as e:
+        failed = True
         first = (str(e).strip().splitlines() or [""])[0][:300]
         if _is_oom(e):
             return Measurement(**record, status=f"out of memory: {first}")
         return Measurement(**record, status=f"error: {type(e).__name__}: {first}")
     finally:
         del layer, x, grad, optimizer, base, reference
-        gc.collect()
+        if failed or device.type == "cuda":
+            gc.collect()  # a failure's traceback holds tensors in cycles (slow: only when needed)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -41,7 +41,14 @@ def _circulant_index_cpu(p: int) -> torch.Tensor:
 
 def circulant_index(p: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``idx[u, t] = (t - u) mod p``: the kernel entry that sits at row ``u``, column ``t`` of a block."""
-    return _circulant_index_cpu(p).to(device)
+    # int(): under jit tracing sizes are 0-d tensors, hashed by identity: every trace would add a cache entry.
+    return _circulant_index_cpu(int(p)).to(device)
+
+
+def _gather_block_circulant(w: torch.Tensor) -> torch.Tensor:
+    q_out, q_in, p = w.shape
+    dense = w[:, :, circulant_index(p, w.device)]  # [q_out, q_in, p(u), p(t)]
+    return dense.permute(0, 2, 1, 3).reshape(q_out * p, q_in * p)
 
 
 class _BlockCirculantMatrix(torch.autograd.Function):
@@ -49,11 +56,8 @@ class _BlockCirculantMatrix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: torch.Tensor) -> torch.Tensor:
-        q_out, q_in, p = w.shape
-        idx = circulant_index(p, w.device)
         ctx.shape = w.shape
-        dense = w[:, :, idx]  # [q_out, q_in, p(u), p(t)]
-        return dense.permute(0, 2, 1, 3).reshape(q_out * p, q_in * p)
+        return _gather_block_circulant(w)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -68,6 +72,9 @@ def block_circulant_matrix(w: torch.Tensor) -> torch.Tensor:
     """The dense ``[q_out·p, q_in·p]`` block-circulant matrix of kernel ``w`` (differentiable)."""
     if w.dim() != 3:
         raise ValueError(f"kernel must have shape [q_out, q_in, p], got {tuple(w.shape)}")
+    if torch.jit.is_tracing():
+        # A traced autograd.Function is one opaque prim::PythonOp; plain ops let tracers (fvcore) see the work.
+        return _gather_block_circulant(w)
     return _BlockCirculantMatrix.apply(w)
 
 
@@ -130,22 +137,31 @@ def _correlate(g_spec: torch.Tensor, x_spec: torch.Tensor) -> torch.Tensor:
     return torch.bmm(g_f, x_f).permute(1, 2, 0)
 
 
+def _real_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    return compute_dtype(torch.float64 if torch.float64 in (x.dtype, w.dtype) else x.dtype, w.shape[2], x.device)
+
+
+def _fft_product(x: torch.Tensor, w: torch.Tensor, scale: float, transform: str) -> torch.Tensor:
+    """The forward product in plain torch ops: the Function's forward, and the traced graph under jit tracing."""
+    q_out, q_in, p = w.shape
+    real = _real_dtype(x, w)
+    lead = x.shape[:-1]
+    xb = x.reshape(-1, q_in, p).to(real)
+    x_spec = _forward_transform(xb, transform).to(_spectrum_dtype(real))
+    w_spec = _forward_transform(w.to(x_spec.real.dtype), transform).conj() * scale  # [q_out, q_in, F]
+    y = _inverse_transform(_mix(x_spec, w_spec), p, transform)  # [T, q_out, p]
+    return y.reshape(*lead, q_out * p).to(x.dtype)
+
+
 class _FFTBlockCirculantProduct(torch.autograd.Function):
     """``y = scale · C(w) x`` through the transform. Saves only ``x`` and ``w`` (real, as given): the spectra are
     recomputed in backward, which costs one transform of x instead of keeping a complex activation alive."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, scale: float, transform: str) -> torch.Tensor:
-        q_out, q_in, p = w.shape
-        real = compute_dtype(torch.float64 if torch.float64 in (x.dtype, w.dtype) else x.dtype, p, x.device)
-        lead = x.shape[:-1]
-        xb = x.reshape(-1, q_in, p).to(real)
-        x_spec = _forward_transform(xb, transform).to(_spectrum_dtype(real))
-        w_spec = _forward_transform(w.to(x_spec.real.dtype), transform).conj() * scale  # [q_out, q_in, F]
-        y = _inverse_transform(_mix(x_spec, w_spec), p, transform)  # [T, q_out, p]
         ctx.save_for_backward(x, w)
-        ctx.scale, ctx.transform, ctx.real = scale, transform, real
-        return y.reshape(*lead, q_out * p).to(x.dtype)
+        ctx.scale, ctx.transform, ctx.real = scale, transform, _real_dtype(x, w)
+        return _fft_product(x, w, scale, transform)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -175,6 +191,9 @@ def block_circulant_product(x: torch.Tensor, w: torch.Tensor, *, scale: float = 
     if w.dim() != 3 or x.shape[-1] != w.shape[1] * w.shape[2]:
         raise ValueError(f"kernel of shape {tuple(w.shape)} does not fit input of shape {tuple(x.shape)}: "
                          "expected x[..., q_in * p] for w[q_out, q_in, p]")
+    if torch.jit.is_tracing():
+        # As in block_circulant_matrix: tracers see the forward's ops (autograd then differentiates them natively).
+        return _fft_product(x, w, float(scale), transform)
     return _FFTBlockCirculantProduct.apply(x, w, float(scale), transform)
 
 

@@ -1,0 +1,195 @@
+"""FLOP counts (fvcore forward, FlopCounterMode forward + backward) against the closed forms in measure.flops."""
+
+import math
+
+import pytest
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from circtune import C3ALinear, CDVFTLinear
+from circtune.measure.flops import FLOP_COUNTER_FORMULAS, FVCORE_HANDLES, analytic_flops, count_flops
+
+# d_in=48, d_out=96: q_out·q_in = 512, 288, 128, 32, 18 block pairs (complex bmm) for p = 3..16 and 8, 2 (the
+# multiply-add loop) for p = 24, 48; CDVFT's second product has 4 and 16 pairs there. p = 3, 6, 12, 24, 48 are
+# not powers of two.
+BLOCK_SIZES = [3, 4, 6, 12, 16, 24, 48]
+PATHS = [("torch", "rfft"), ("torch", "fft"), ("dense", "rfft")]
+# (input shape, d_in, d_out): token counts that are not powers of two, a 3-D input, both aspect ratios.
+INPUTS = [((5, 48), 48, 96), ((2, 3, 96), 96, 48)]
+
+
+def _approx(expected):
+    return pytest.approx(expected, rel=0.01)
+
+
+def _assert_counts(counted, expected):
+    assert counted.fwd == _approx(expected.fwd), f"forward: counted {counted.fwd}, closed form {expected.fwd}"
+    assert counted.fwd_bwd == _approx(expected.fwd_bwd), \
+        f"forward + backward: counted {counted.fwd_bwd}, closed form {expected.fwd_bwd}"
+
+
+def _inputs(shape, d_out):
+    return torch.randn(shape, requires_grad=True), torch.randn(*shape[:-1], d_out)
+
+
+def _make(method, d_in, d_out, p, backend, transform, factors):
+    base = nn.Linear(d_in, d_out)
+    if method == "c3a":
+        return C3ALinear(base, p, transform=transform, backend=backend, init="gaussian")
+    return CDVFTLinear(base, p, factors, transform=transform, backend=backend)
+
+
+class _LoRA(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.a = nn.Linear(base.in_features, rank, bias=False)
+        self.b = nn.Linear(rank, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.b(self.a(x)) * 0.5
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+# The dense route's count does not depend on p (ΔW is gathered, not computed): three block sizes are enough.
+GRID = [(backend, transform, p) for backend, transform in PATHS for p in BLOCK_SIZES
+        if backend == "torch" or p in (3, 16, 48)]
+
+
+@pytest.mark.parametrize("method,factors", [("c3a", None), ("cdvft", 2), ("cdvft", 3)])
+@pytest.mark.parametrize("backend,transform,p", GRID)
+def test_adapter_counts_match_closed_form(method, factors, backend, transform, p):
+    shape, d_in, d_out = INPUTS[0]
+    layer = _make(method, d_in, d_out, p, backend, transform, factors)
+    x, g = _inputs(shape, d_out)
+    expected = analytic_flops(method, d_in, d_out, 5, block_size=p, factors=factors, transform=transform,
+                              backend=backend)
+    _assert_counts(count_flops(layer, x, g), expected)
+
+
+# 96 -> 48 with p = 12: 32 block pairs (bmm) in the first product, 16 (loop) in CDVFT's second.
+@pytest.mark.parametrize("method,factors", [("c3a", None), ("cdvft", 3)])
+@pytest.mark.parametrize("backend,transform", PATHS)
+def test_adapter_counts_wide_to_narrow_3d_input(method, factors, backend, transform):
+    shape, d_in, d_out = INPUTS[1]
+    layer = _make(method, d_in, d_out, 12, backend, transform, factors)
+    x, g = _inputs(shape, d_out)
+    expected = analytic_flops(method, d_in, d_out, 6, block_size=12, factors=factors, transform=transform,
+                              backend=backend)
+    _assert_counts(count_flops(layer, x, g), expected)
+
+
+@pytest.mark.parametrize("shape,d_in,d_out", INPUTS)
+def test_base_layer_and_lora_match_closed_form(shape, d_in, d_out):
+    tokens = math.prod(shape[:-1])
+    x, g = _inputs(shape, d_out)
+    _assert_counts(count_flops(nn.Linear(d_in, d_out).requires_grad_(False), x, g),
+                   analytic_flops("none", d_in, d_out, tokens))
+    _assert_counts(count_flops(_LoRA(nn.Linear(d_in, d_out), 4), x, g),
+                   analytic_flops("lora", d_in, d_out, tokens, rank=4))
+
+
+@pytest.mark.parametrize("p", [6, 24])
+def test_peft_c3a_is_counted_inside_its_autograd_function(p):
+    peft = pytest.importorskip("peft")
+    from peft.tuners.c3a.layer import C3ALinear as PeftC3ALinear
+
+    shape, d_in, d_out = INPUTS[0]
+    base = nn.Linear(d_in, d_out).requires_grad_(False)
+    layer = PeftC3ALinear(base, "default", peft.C3AConfig(block_size=p, init_weights="gaussian"), p)
+    x, g = _inputs(shape, d_out)
+    counted = count_flops(layer, x, g)
+    _assert_counts(counted, analytic_flops("peft-c3a", d_in, d_out, 5, block_size=p))
+    # PEFT runs our transform="fft" algorithm on the bmm path, without our kernel-scale multiplies
+    # (6·q_out·q_in·p FLOPs: a few percent at 5 tokens). p = 24 takes our loop path: within 5% all the same.
+    ours = analytic_flops("c3a", d_in, d_out, 5, block_size=p, transform="fft")
+    assert counted.fwd == pytest.approx(ours.fwd, rel=0.05)
+    assert counted.fwd_bwd == pytest.approx(ours.fwd_bwd, rel=0.05)
+    assert counted.fwd > analytic_flops("none", d_in, d_out, 5).fwd
+
+
+# fn, input dtype, input length, transform length n, real (2.5 n log2 n) or complex (5 n log2 n)
+FFTS = [(torch.fft.fft, torch.complex64, 12, 12, False), (torch.fft.ifft, torch.complex64, 8, 8, False),
+        (torch.fft.fft, torch.float32, 12, 12, True), (torch.fft.rfft, torch.float32, 12, 12, True),
+        (lambda v: torch.fft.irfft(v, n=12), torch.complex64, 7, 12, True)]
+
+
+@pytest.mark.parametrize("fn,dtype,length,n,real", FFTS)
+def test_fft_handles_count_nominal_flops(fn, dtype, length, n, real):
+    x = torch.randn(3, 4, length, dtype=dtype)
+    expected = 12 * (2.5 if real else 5.0) * n * math.log2(n)  # 12 transforms
+    analysis = (FlopCountAnalysis(_Fn(fn), (x,)).set_op_handle(**FVCORE_HANDLES)
+                .unsupported_ops_warnings(False).uncalled_modules_warnings(False))
+    assert 2 * analysis.total() == pytest.approx(expected)
+    with FlopCounterMode(display=False, custom_mapping=dict(FLOP_COUNTER_FORMULAS)) as counter:
+        fn(x)
+    assert counter.get_total_flops() == pytest.approx(expected)
+
+
+def test_complex_arithmetic_conventions():
+    a, b = torch.randn(4, 5, dtype=torch.complex64), torch.randn(4, 5, dtype=torch.complex64)
+    r = torch.randn(4, 5)
+    cases = [(lambda: a * b, 6 * 20), (lambda: a * r, 2 * 20), (lambda: a * 0.5, 2 * 20), (lambda: a + b, 2 * 20),
+             (lambda: a.sum(0), 2 * 15), (lambda: torch.bmm(a[None], b.T[None]), 8 * 4 * 5 * 4),
+             (lambda: r * r + r, 0)]
+    for fn, expected in cases:
+        with FlopCounterMode(display=False, custom_mapping=dict(FLOP_COUNTER_FORMULAS)) as counter:
+            fn()
+        assert counter.get_total_flops() == expected
+
+
+def test_count_flops_leaves_no_grad_behind():
+    layer = _make("cdvft", 48, 96, 12, "torch", "rfft", 3)
+    x, g = _inputs((5, 48), 96)
+    kept = torch.ones(48)
+    layer.diagonals[0].grad = kept
+    count_flops(layer, x, g)
+    assert x.grad is None
+    assert layer.diagonals[0].grad is kept and torch.equal(kept, torch.ones(48))
+    assert all(p.grad is None for n, p in layer.named_parameters() if n != "diagonals.0")
+
+
+def test_tracing_does_not_grow_the_circulant_index_cache():
+    from circtune.adapters._circulant import _circulant_index_cpu
+
+    layer = _make("cdvft", 48, 96, 12, "dense", "rfft", 3)
+    x, g = _inputs((5, 48), 96)
+    count_flops(layer, x, g)
+    size = _circulant_index_cpu.cache_info().currsize
+    count_flops(layer, x, g)
+    assert _circulant_index_cpu.cache_info().currsize == size
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("backend,transform", PATHS)
+def test_traced_layer_shows_its_ops_and_computes_the_same(backend, transform):
+    layer = _make("c3a", 48, 96, 12, backend, transform, None)
+    x = torch.randn(5, 48)
+    traced = torch.jit.trace(layer, (x,), check_trace=False)
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert "prim::PythonOp" not in kinds
+    if backend == "torch":
+        assert {f"aten::fft_{transform}", "aten::bmm"} <= kinds
+    torch.testing.assert_close(traced(x), layer(x))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"method": "vera"}, r"method='vera' is not supported"),
+    ({"method": "lora"}, r"rank=None is not valid for method='lora'"),
+    ({"method": "c3a", "block_size": 5}, r"block_size=5 does not divide"),
+    ({"method": "cdvft", "block_size": 4, "backend": "triton"}, r"backend='triton' has no closed form"),
+    ({"method": "c3a", "block_size": 4, "transform": "dct"}, r"transform='dct' is not supported"),
+])
+def test_analytic_flops_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        analytic_flops(d_in=48, d_out=96, tokens=5, **kwargs)

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         store.close()
     out.mkdir(parents=True, exist_ok=True)
     frame = to_frame(result.measurements, model.name, model.shapes)
-    frame.to_csv(out / "measurements.csv", index=False)
+    frame.to_csv(out / "measurements.csv", index=False, float_format="%.6g")
     summary = {
         "model": model.to_dict(), "space": asdict(space), "device": info.to_dict(), "store": store.url,
         "tokens": settings.tokens, "dtypes": list(settings.dtypes), "timing": asdict(settings.timing),

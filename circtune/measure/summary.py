@@ -1,7 +1,8 @@
 """The profile table: per shape, the fastest candidate at each parameter count beside the baselines.
 
 Built from the CSV frame (:func:`circtune.measure.store.to_frame`), so the table and ``measurements.csv`` can
-never disagree. Times are what a layer adds to the frozen base layer's training step (medians, ms).
+never disagree. Times, memory and FLOPs are what a layer adds to the frozen base layer's training step (medians,
+ms; MiB; forward + backward FLOPs minus the base layer's).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def summary_table(frame: pd.DataFrame, top: int | None = None) -> str:
         layers = group.layers.dropna()
         title = f"{d_in} x {d_out}" + (f" ({int(layers.iloc[0])} layers)" if len(layers) else "")
         title += f", {tokens} tokens, {dtype}"
+        base_flops = base.flops_fwd_bwd.iloc[0] if len(base) else None
         if len(base):
             b = base.iloc[0]
             title += f": base layer step {_ms(b.step_ms)} ms (fwd {_ms(b.fwd_ms)}, bwd {_ms(b.bwd_ms)})"
@@ -58,13 +60,18 @@ def summary_table(frame: pd.DataFrame, top: int | None = None) -> str:
             rank = max(1, round(row.params / (d_in + d_out)))
             lora_ms = lora.step_ms.get(rank)
             peft_ms = peft.step_ms.get(row.block_size) if row.method == "c3a" else None
-            gflop = "-" if pd.isna(row.flops_fwd_bwd) else f"{row.flops_fwd_bwd / 1e9:.2f}"
+            added = None if base_flops is None or pd.isna(base_flops) else row.flops_fwd_bwd - base_flops
+            mflop = "-" if added is None or pd.isna(added) else f"{added / 1e6:,.0f}"
             rows.append([f"{row.params:,}", _label(row), _ms(row.step_ms), _ms(row.fwd_ms), _ms(row.bwd_ms),
-                         _ms(row.peak_mem_mb), gflop, f"r={rank}", _ms(lora_ms), _ratio(row.step_ms, lora_ms),
+                         _ms(row.peak_mem_mb), mflop, f"r={rank}", _ms(lora_ms), _ratio(row.step_ms, lora_ms),
                          _ms(peft_ms), _ratio(peft_ms, row.step_ms)])
-        header = ["params", "fastest candidate", "step+ms", "fwd+ms", "bwd+ms", "mem+MB", "GFLOP f+b",
+        header = ["params", "fastest candidate", "step+ms", "fwd+ms", "bwd+ms", "mem+MB", "MFLOP+ f+b",
                   "LoRA", "LoRA ms", "vs LoRA", "PEFT-C3A ms", "PEFT/ours"]
         out += _table(header, rows) if rows else ["  (no successful candidate)"]
+        out.append("")
+    if out:
+        out.append("step+/fwd+/bwd+ ms, mem+ MB, MFLOP+: what the layer adds to the frozen base layer (medians); "
+                   "vs LoRA: ours / LoRA at the closest parameter count; PEFT/ours: PEFT's C3A at the same p / ours")
         out.append("")
     failed = frame[frame.status != "ok"]
     if len(failed):

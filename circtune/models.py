@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -270,6 +271,9 @@ def _load_callable(spec: str):
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"model spec {spec!r} must look like package.module:callable")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # As `python -m` would: a module in the working directory is importable from the `circtune` script too.
+        sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(module_name)
     except Exception as e:  # ImportError, or whatever the module raises while importing

@@ -142,3 +142,29 @@ def test_cpu_peak_memory_counts_trainable_state_and_frees():
         u = torch.empty(10)
     assert tracker.peak == 4000 and tracker.live == 40
     del u
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_baselines_train_with_float32_adapters(setup, dtype):
+    # A half-precision LoRA or PEFT kernel under AdamW turns NaN on the first step (eps underflows); PEFT models
+    # keep adapters in float32, and so do the baselines.
+    model, plans, settings, store, info = setup
+    settings = ProfileSettings(tokens=20, dtypes=(dtype,), device=torch.device("cpu"), timing=FAST)
+    plan = [p for p in plans if p.shape == (64, 64)]
+    result = run_profile(plan, settings, store, info, progress=False)
+    assert not result.failed, [(m.key.candidate.label, m.status) for m in result.failed]
+    base = nn.Linear(64, 64, dtype=torch.float16)
+    for candidate in plan[0].baselines[1:]:
+        layer = build_module(candidate, base)
+        assert {p.dtype for p in layer.parameters() if p.requires_grad} == {torch.float32}, candidate
+
+
+@pytest.mark.gpu
+def test_profile_on_cuda_in_bf16(tmp_path):
+    model = resolve_model("tiny_models:two_shapes", ["up", "square"])
+    settings = ProfileSettings(tokens=256, dtypes=("bf16",), device=torch.device("cuda"), timing=FAST)
+    plans = plan_shapes(model, SPACE, "cuda")
+    result = run_profile(plans, settings, MeasurementStore(tmp_path / "m.db"), describe_device("cuda"),
+                         progress=False)
+    assert not result.failed, [(m.key.candidate.label, m.status) for m in result.failed]
+    assert all(m.peak_mem_mb > 0 and m.step.median > 0 and m.flops_fwd_bwd > 0 for m in result.measurements)

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.circtune-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo profile test lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/circtune demo
+
+profile: $(STAMP)
+	$(BIN)/circtune profile --model roberta-large
 
 test: $(STAMP)
 	$(BIN)/ruff check .

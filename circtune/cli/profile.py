@@ -15,7 +15,7 @@ NAME = "profile"
 HELP = "measure latency, memory and FLOPs of every candidate adapter configuration on this device"
 
 # Defaults that fit the device: a GPU step is milliseconds, a CPU step of a 1024 x 1024 layer tens of them.
-CPU_DEFAULTS = {"tokens": 512, "warmup": 2, "min_reps": 10, "max_reps": 60, "min_time": 0.5}
+CPU_DEFAULTS = {"tokens": 512, "warmup": 2, "min_reps": 15, "max_reps": 60, "min_time": 0.75}
 GPU_DEFAULTS = {"tokens": 4096, "warmup": 10, "min_reps": 30, "max_reps": 300, "min_time": 0.5}
 
 
@@ -48,9 +48,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (default: reports/<model>-<device>)")
     timing = p.add_argument_group("timing (defaults fit the device)")
     timing.add_argument("--warmup", type=int, help="untimed steps first (CPU 2, GPU 10)")
-    timing.add_argument("--min-reps", type=int, help="at least this many timed steps (CPU 10, GPU 30)")
+    timing.add_argument("--min-reps", type=int, help="at least this many timed steps (CPU 15, GPU 30)")
     timing.add_argument("--max-reps", type=int, help="at most this many timed steps (CPU 60, GPU 300)")
-    timing.add_argument("--min-time", type=float, help="keep timing until this many seconds passed (0.5)")
+    timing.add_argument("--min-time", type=float, help="keep timing until this many seconds passed (CPU 0.75, GPU 0.5)")
     p.add_argument("--lora-ranks", type=int, nargs="+", default=[], metavar="R",
                    help="LoRA ranks to measure besides the ones matching each candidate's parameter count")
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT C3A baseline")

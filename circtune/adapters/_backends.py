@@ -5,7 +5,7 @@
   gradient are the one GEMM the base layer needs anyway; the kernel gradient is ``gᵀx`` summed along the
   circulant diagonals. The transform knob does not apply.
 
-The Triton backend (circtune.kernels) registers itself here when Triton is importable.
+The ``triton`` backend (circtune.kernels.triton_backend) registers itself here when Triton is installed.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class Backend:
     unavailable_reason: Callable[[torch.device], str | None]
     uses_transform: bool
     description: str
+    # (p, d_in, d_out) -> None when the backend covers block size p for that shape, else why not (the search space
+    # records it); None: every p.
+    block_size_reason: Callable[[int, int, int], str | None] | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}

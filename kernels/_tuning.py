@@ -1,0 +1,111 @@
+"""What the launchers share: tile configurations, their argument checks, the autotune cache, dtype rules.
+
+Every launcher takes its tunable values (tile sizes, warps, stages, token splits) as a :class:`TileConfig` so that
+the profiler can set them; ``None`` means "the autotuned default": on a CUDA device each candidate configuration is
+timed once per problem key (``triton.testing.do_bench``) and the fastest is cached for the process; under the
+interpreter (``TRITON_INTERPRET=1``, CPU tensors) a fixed small configuration is used, since timing the
+interpreter would measure numpy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Inputs the kernels accept, and the accumulator each one uses. float64 exists for gradcheck.
+_ACC = {torch.float32: tl.float32, torch.bfloat16: tl.float32, torch.float16: tl.float32, torch.float64: tl.float64}
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration. ``split`` is the kernel gradient's split over tokens (None: chosen from the grid
+    size); the forward ignores it."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    split: int | None = None
+
+    def check(self, op: str) -> TileConfig:
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            # tl.dot needs every tile dimension >= 16; tl.arange needs powers of two.
+            if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"{op}: {name} must be a power of two >= 16, got {v!r}")
+        if isinstance(self.num_warps, bool) or not isinstance(self.num_warps, int) or self.num_warps < 1 \
+                or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"{op}: num_warps must be a power of two >= 1, got {self.num_warps!r}")
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"{op}: num_stages must be an int >= 1, got {self.num_stages!r}")
+        if self.split is not None and (isinstance(self.split, bool) or not isinstance(self.split, int)
+                                       or self.split < 1):
+            raise ValueError(f"{op}: split must be None or an int >= 1, got {self.split!r}")
+        return self
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def check_device(op: str, *tensors: torch.Tensor | None) -> torch.device:
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    for t in present[1:]:
+        if t.device != device:
+            raise ValueError(f"{op}: all tensors must be on one device, got {device} and {t.device}")
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"{op}: Triton kernels need CUDA tensors, got tensors on {device}; TRITON_INTERPRET=1 "
+                         "(set before the kernels are imported) runs them on the CPU for tests only")
+    return device
+
+
+def check_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _ACC:
+        raise ValueError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+
+
+def acc_dtype(dtype: torch.dtype):
+    return _ACC[dtype]
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 operands go through TF32 exactly when torch's own matmuls would (``allow_tf32``), so that the
+    triton backend and the torch and dense backends compute fp32 layers to the same precision."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+_CACHE: dict[tuple, TileConfig] = {}
+
+
+def autotune(key: tuple, candidates: Sequence[TileConfig], bench: Callable[[TileConfig], object],
+             device: torch.device) -> TileConfig:
+    """The fastest of ``candidates`` for ``key`` on ``device`` (timed once, then cached); the first candidate on
+    the interpreter or when there is only one."""
+    if device.type != "cuda" or len(candidates) == 1:
+        return candidates[0]
+    key = (torch.cuda.get_device_name(device), *key)
+    if key not in _CACHE:
+        times = {}
+        for config in candidates:
+            try:
+                times[config] = triton.testing.do_bench(lambda c=config: bench(c), warmup=5, rep=25)
+            except triton.runtime.errors.OutOfResources:  # too much shared memory for this GPU: not a candidate
+                continue
+        if not times:
+            raise RuntimeError(f"no tile configuration fits this GPU for {key}")
+        _CACHE[key] = min(times, key=times.get)
+    return _CACHE[key]
+
+
+def size_bucket(n: int) -> int:
+    """Token counts vary every step: tune per power-of-two bucket, not per exact count."""
+    return 1 << max(0, (n - 1).bit_length())

@@ -1,0 +1,76 @@
+"""The ``triton`` backend: every block-circulant product of C3A and CDVFT through circtune.kernels.
+
+Importing this module never imports Triton: it registers the backend when Triton is *installed*, and the kernel
+modules are imported on the first forward. So ``import circtune`` works without Triton, and a test can set
+``TRITON_INTERPRET=1`` before the kernels are decorated (Triton reads it then).
+
+* C3A: ``(W0 + ΔW) x + b`` is one implicit GEMM (the circulant tile generated from the kernel and added to W0's
+  tile); its input gradient is one more; the kernel gradient is one implicit Hankel GEMM.
+* CDVFT: the frozen layer through ``base_layer``; each circulant factor through the same kernels; the diagonals as
+  elementwise multiplies (autograd gives their gradients). Fusing them into the tile loads would save about two
+  activation passes per factor; left until the GPU measurements say it pays.
+
+Declared range: ``1 <= p <= 256`` (any p in it, powers of two or not; fp32, bf16, fp16 and fp64 activations). The
+kernels are correct beyond it, but there the transform route is predicted to win: its mixing FLOPs fall as
+``4·T·d_in·d_out/p`` while the implicit GEMM's stay ``2·T·d_in·d_out``, and the kernel gradient's row tile (16 at
+least) pads ``q_out = d_out/p`` rows, wasting MMA work once ``d_out/p < 16``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from circtune.adapters._backends import Backend, register_backend
+
+MAX_BLOCK_SIZE = 256
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "Triton kernels need a CUDA device; TRITON_INTERPRET=1 runs them on the CPU for tests only"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # a broken install is a reason, not a crash of the whole search
+        return f"triton does not import: {type(e).__name__}: {e}"
+    return None
+
+
+def block_size_reason(p: int, d_in: int, d_out: int) -> str | None:
+    if p > MAX_BLOCK_SIZE:
+        return (f"p={p} > {MAX_BLOCK_SIZE}: outside the triton backend's declared range (the transform route's "
+                "mixing FLOPs fall as 1/p while the implicit GEMM's do not, and d_out/p < 16 pads the kernel "
+                "gradient's row tile)")
+    return None
+
+
+def triton_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    from .block_circulant_linear import block_circulant_linear
+
+    base = layer.base_layer
+    kernels = layer.circulant_factors()
+    diagonals = layer.diagonal_factors()
+    if diagonals is None and len(kernels) == 1:
+        return block_circulant_linear(x, kernels[0], scale=layer.circulant_scale, weight=base.weight, bias=base.bias)
+    h = x
+    for k, kernel in enumerate(kernels):
+        if diagonals is not None:
+            h = h * diagonals[k].to(h.dtype)
+        h = block_circulant_linear(h, kernel, scale=layer.circulant_scale)
+    if diagonals is not None:
+        h = h * (diagonals[-1] * layer.alpha).to(h.dtype)
+    return base(x) + h
+
+
+def register() -> Backend | None:
+    """Register ``triton`` when Triton is installed (without importing it); None otherwise."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    return register_backend(Backend(
+        "triton", triton_forward, unavailable_reason, False,
+        f"Triton implicit GEMMs: circulant tiles generated from w inside the base GEMM (p <= {MAX_BLOCK_SIZE})",
+        block_size_reason=block_size_reason))
+
+
+BACKEND = register()

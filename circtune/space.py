@@ -273,11 +273,19 @@ def expand(space: SearchSpace, d_in: int, d_out: int,
             excluded.append(Exclusion(f"backend {name} unavailable on {device}: {reason}", backend=name))
         else:
             backends.append(get_backend(name))
+    covered = {}  # (backend, p) -> whether the backend declares p in its range for this shape
+    for backend in backends:
+        for p in sizes:
+            reason = backend.block_size_reason(p, d_in, d_out) if backend.block_size_reason else None
+            covered[backend.name, p] = reason is None
+            if reason:
+                excluded.append(Exclusion(f"backend {backend.name} does not cover p={p}: {reason}", block_size=p,
+                                          backend=backend.name))
     candidates = []
     for method in space.methods:
         for p in sizes:
             for m in space.factors if method == "cdvft" else (None,):
-                for backend in backends:
+                for backend in (b for b in backends if covered[b.name, p]):
                     transforms = space.transforms if backend.uses_transform else (None,)
                     candidates += [Candidate(method, p, m, t, backend.name) for t in transforms]
     for backend in backends:

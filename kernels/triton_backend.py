@@ -39,9 +39,8 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def block_size_reason(p: int, d_in: int, d_out: int) -> str | None:
     if p > MAX_BLOCK_SIZE:
-        return (f"p={p} > {MAX_BLOCK_SIZE}: outside the triton backend's declared range (the transform route's "
-                "mixing FLOPs fall as 1/p while the implicit GEMM's do not, and d_out/p < 16 pads the kernel "
-                "gradient's row tile)")
+        return (f"outside its declared range p <= {MAX_BLOCK_SIZE} (the transform route's mixing FLOPs fall as 1/p "
+                "while the implicit GEMM's do not, and d_out/p < 16 pads the kernel gradient's row tile)")
     return None
 
 

@@ -8,10 +8,10 @@ import traceback
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, devices, models, profile
+from . import demo, devices, models, profile, search
 
 # Each subcommand module provides NAME, HELP, add_arguments(parser) and run(args) -> int.
-SUBCOMMANDS = (profile, models, devices, demo)
+SUBCOMMANDS = (search, profile, models, devices, demo)
 
 
 class UsageError(Exception):

@@ -19,6 +19,11 @@ CPU_DEFAULTS = {"tokens": 512, "warmup": 2, "min_reps": 15, "max_reps": 60, "min
 GPU_DEFAULTS = {"tokens": 4096, "warmup": 10, "min_reps": 30, "max_reps": 300, "min_time": 0.5}
 
 
+def command_line() -> str | None:
+    """The command as typed, when run from the ``circtune`` script."""
+    return "circtune " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("circtune") else None
+
+
 def _split(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
@@ -43,8 +48,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's default, the physical cores)")
-    p.add_argument("--store", help="measurement store: a SQLAlchemy URL or a SQLite file path "
-                                   "(default: OUT/circtune.db)")
+    p.add_argument("--store", "--storage", dest="store", metavar="URL",
+                   help="measurement store (and Optuna storage): a SQLAlchemy URL or a SQLite file path "
+                        "(default: OUT/circtune.db)")
     p.add_argument("--out", help="output folder (default: reports/<model>-<device>)")
     timing = p.add_argument_group("timing (defaults fit the device)")
     timing.add_argument("--warmup", type=int, help="untimed steps first (CPU 2, GPU 10)")
@@ -70,7 +76,7 @@ def _check(name: str, value: int | float | None, least: int = 1) -> None:
         raise UsageError(f"{name} must be {'positive' if least else 'zero or more'}, got {value}")
 
 
-def prepare(args: argparse.Namespace):
+def prepare(args: argparse.Namespace, overrides: dict | None = None, lora_budget: int | None = None):
     """Resolve the model, space, device, settings, output folder and store from the arguments."""
     from ..measure.device import describe_device
     from ..measure.profiler import ProfileSettings, plan_shapes
@@ -90,7 +96,7 @@ def prepare(args: argparse.Namespace):
     space = load_space(args.space)
     info = describe_device(args.device, threads=args.threads)
     device = torch.device(info.kind if info.index is None else f"{info.kind}:{info.index}")
-    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    defaults = {**(GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS), **(overrides or {})}
     tokens = args.tokens or (args.batch_size * args.seq_len if args.batch_size else defaults["tokens"])
     dtypes = tuple(dict.fromkeys(resolve_dtype(d, device) for d in ([args.dtype] if args.dtype else space.dtypes)))
     timing = TimingSettings(warmup=args.warmup if args.warmup is not None else defaults["warmup"],
@@ -102,19 +108,23 @@ def prepare(args: argparse.Namespace):
     settings = ProfileSettings(tokens=tokens, dtypes=dtypes, device=device, timing=timing)
     out = Path(args.out) if args.out else Path("reports") / f"{model.name}-{info.label}"
     store = MeasurementStore(args.store or out / "circtune.db")
-    plans = plan_shapes(model, space, device, peft=False if args.no_peft else None, lora_ranks=args.lora_ranks)
+    ranks = list(args.lora_ranks)
+    if lora_budget is not None:  # the search's LoRA baseline: the rank that spends the budget on every target
+        ranks.append(max(1, lora_budget // sum(t.d_in + t.d_out for t in model.targets)))
+    plans = plan_shapes(model, space, device, peft=False if args.no_peft else None, lora_ranks=ranks)
     return model, space, info, settings, out, store, plans
 
 
-def run(args: argparse.Namespace) -> int:
+def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget: int | None = None):
+    """Profile as ``circtune profile`` does (``defaults`` override the device defaults) and write
+    ``measurements.csv`` and ``profile.json`` into the output folder. Returns (model, info, settings, out, store
+    url, plans, result, frame)."""
     from ..measure.profiler import run_profile
     from ..measure.store import to_frame
-    from ..measure.summary import summary_table
 
-    started = time.perf_counter()
-    model, space, info, settings, out, store, plans = prepare(args)
+    model, space, info, settings, out, store, plans = prepare(args, defaults, lora_budget)
     n_cand = sum(len(p.candidates) + len(p.baselines) for p in plans) * len(settings.dtypes)
-    print(f"circtune profile: {model.name}, {len(model.targets)} target layers, {len(plans)} unique shapes, "
+    print(f"profiling {model.name}: {len(model.targets)} target layers, {len(plans)} unique shapes, "
           f"{n_cand} configurations (candidates + baselines) on {info.name}"
           f"{f' ({torch.get_num_threads()} threads)' if info.kind == 'cpu' else ''}; "
           f"{settings.tokens} tokens, {', '.join(settings.dtypes)}; space: {space.source}", file=sys.stderr)
@@ -128,17 +138,25 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "model": model.to_dict(), "space": asdict(space), "device": info.to_dict(), "store": store.url,
         "tokens": settings.tokens, "dtypes": list(settings.dtypes), "timing": asdict(settings.timing),
-        "command": "circtune " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("circtune") else None,
+        "command": command_line(),
         "measured": result.measured, "reused": result.reused, "failed": len(result.failed),
         "excluded": {f"{p.d_in}x{p.d_out}": [{"what": e.what, "reason": e.reason} for e in p.excluded]
                      for p in plans},
     }
     (out / "profile.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return model, info, settings, out, store.url, plans, result, frame
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..measure.summary import summary_table
+
+    started = time.perf_counter()
+    model, info, settings, out, store_url, plans, result, frame = profile(args)
     print(summary_table(frame, top=args.top))
     for p in plans:
         for e in p.excluded:
             print(f"excluded for {p.d_in}x{p.d_out}: {e.what}: {e.reason}")
     print(f"{result.measured} measured, {result.reused} already in the store, {len(result.failed)} failed; "
           f"{time.perf_counter() - started:.1f} s. Wrote {out / 'measurements.csv'} and {out / 'profile.json'}; "
-          f"store: {store.url}")
+          f"store: {store_url}")
     return 0

@@ -1,0 +1,203 @@
+"""The main job after profiling: search, validate, pick, and write the output folder.
+
+Writes ``adapter_config.json`` (the pick, with budget, totals, predicted and measured times, device, tokens,
+dtype and command), ``peft/adapter_config.json`` when every picked layer is C3A, ``trials.csv``,
+``validation.csv`` and ``report.html``; the profiler has already written ``measurements.csv`` and
+``profile.json``, and the study sits in the same database as the measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from .config import AdapterConfig
+from .measure.timing import TimingSettings
+from .models import ModelInfo, build_model
+from .search import (
+    Assignment,
+    Problem,
+    build_problem,
+    exact_optimum,
+    neighbours,
+    ranked_assignments,
+    run_study,
+    to_layer_map,
+    trials_frame,
+    uniform_c3a,
+)
+from .space import DTYPES, Candidate
+from .validate import Plan, Validation, baseline_plan, candidate_plan, validate
+
+VALIDATION_COLUMNS = ("label", "kind", "total_params", "predicted_overhead_ms", "predicted_step_ms",
+                      "measured_step_ms", "measured_step_ms_p25", "measured_step_ms_p75", "predicted_mem_mb",
+                      "measured_mem_mb", "picked", "status")
+# Whole-model timing: a CPU step of roberta-large at 128 tokens is about 2 s.
+WHOLE_MODEL_CPU = TimingSettings(warmup=1, min_reps=5, max_reps=20, min_time_s=4.0)
+WHOLE_MODEL_GPU = TimingSettings(warmup=5, min_reps=20, max_reps=200, min_time_s=2.0)
+
+
+def adapter_config(model: ModelInfo, problem: Problem, a: Assignment, **metadata) -> AdapterConfig:
+    layers = {name: o.candidate.layer_config() for name, o in to_layer_map(problem, a).items()}
+    return AdapterConfig(model.name, layers, metadata)
+
+
+def _baseline_prediction(frame: pd.DataFrame, model: ModelInfo, method: str, **match) -> tuple[float, float] | None:
+    """Summed added (step_ms, peak_mem_mb) of a baseline over the target layers, if every shape was measured."""
+    rows = frame[(frame.method == method) & (frame.status == "ok")]
+    for col, value in match.items():
+        rows = rows[rows[col] == value]
+    step = mem = 0.0
+    for layer in model.targets:
+        r = rows[(rows.d_in == layer.d_in) & (rows.d_out == layer.d_out)]
+        if r.empty:
+            return None
+        step += float(r.step_ms.iloc[0])
+        mem += float(r.peak_mem_mb.iloc[0]) if not pd.isna(r.peak_mem_mb.iloc[0]) else 0.0
+    return step, mem
+
+
+def baseline_plans(model: ModelInfo, problem: Problem, frame: pd.DataFrame, budget: int) -> list[Plan]:
+    """No adapter; LoRA at the budget; PEFT's C3A and circtune's uniform C3A at the largest p-total within it."""
+    names = [layer.name for layer in model.targets]
+    plans = [baseline_plan("no adapter", {}, 0, 0.0, 0.0)]
+    rank = max(1, budget // sum(layer.d_in + layer.d_out for layer in model.targets))
+    lora = {n: Candidate("lora", factors=rank) for n in names}
+    pred = _baseline_prediction(frame, model, "lora", factors=rank)
+    plans.append(baseline_plan(f"LoRA r={rank}", lora, sum(c.params(layer.d_in, layer.d_out) for c, layer in
+                                                           zip(lora.values(), model.targets, strict=True)),
+                               *(pred or (None, None))))
+    fitting = [u for u in uniform_c3a(problem) if u.params <= budget]
+    if fitting:
+        uniform = max(fitting, key=lambda u: u.params)
+        p = int(uniform.label.rsplit("=", 1)[1])
+        peft = {n: Candidate("peft-c3a", block_size=p) for n in names}
+        pred = _baseline_prediction(frame, model, "peft-c3a", block_size=p)
+        if not frame[frame.method == "peft-c3a"].empty:
+            plans.append(baseline_plan(f"PEFT C3A p={p}", peft, uniform.params, *(pred or (None, None))))
+        config = adapter_config(model, problem, uniform)
+        plans.append(Plan(f"uniform c3a p={p}", "baseline", lambda m, c=config: _apply(m, c), uniform.params,
+                          uniform.step_ms, uniform.mem_mb))
+    return plans
+
+
+def _apply(model, config):
+    from .adapters.inject import apply_adapter
+
+    apply_adapter(model, config)
+
+
+def choose(top: Sequence[Assignment], measured: dict[str, Validation], objective: str) -> int:
+    """Index into ``top`` (best predicted first) of the pick: the best measured one, where the measurement tells
+    them apart — a later one replaces the current pick only if its median beats the pick's 25th percentile
+    (latency) or its memory is lower by more than 1 % (memory); otherwise the better prediction stands."""
+    best = 0
+    for i in range(1, len(top)):
+        a, b = measured.get(_label(i)), measured.get(_label(best))
+        if a is None or a.step is None:
+            continue
+        if b is None or b.step is None:
+            best = i
+        elif objective == "memory" and a.mem_mb < 0.99 * b.mem_mb:
+            best = i
+        elif objective != "memory" and a.step.median < b.step.p25:
+            best = i
+    return best
+
+
+def _label(i: int) -> str:
+    return "pick" if i == 0 else f"top-{i + 1}"
+
+
+def validation_frame(results: Sequence[Validation], base_ms: float | None, picked: str | None) -> pd.DataFrame:
+    rows = []
+    for v in results:
+        predicted_step = None if base_ms is None or v.predicted_overhead_ms is None else base_ms + \
+            v.predicted_overhead_ms
+        rows.append({"label": v.label, "kind": v.kind, "total_params": v.total_params,
+                     "predicted_overhead_ms": v.predicted_overhead_ms, "predicted_step_ms": predicted_step,
+                     "measured_step_ms": v.step and v.step.median, "measured_step_ms_p25": v.step and v.step.p25,
+                     "measured_step_ms_p75": v.step and v.step.p75, "predicted_mem_mb": v.predicted_mem_mb,
+                     "measured_mem_mb": v.mem_mb, "picked": v.label == picked, "status": v.status})
+    return pd.DataFrame(rows, columns=list(VALIDATION_COLUMNS))
+
+
+def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info, settings, out: Path, storage: str,
+               frame: pd.DataFrame, batch: int, seq_len: int, dtype: str, command: str | None) -> dict:
+    """Everything after profiling; returns the summary that the CLI prints."""
+    from .search import pick_order
+
+    here = frame[(frame.tokens == settings.tokens) & (frame.dtype == dtype)]
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    problem = build_problem(model.targets, here, budget, args.min_fill, methods=methods, backends=backends)
+    optimum = exact_optimum(problem)
+    seeds = [optimum, *neighbours(problem, optimum), *uniform_c3a(problem)]
+    name = args.study_name or f"circtune-{model.name}-{info.fingerprint}-t{settings.tokens}-{dtype}-{problem.key()}"
+    study = run_study(problem, storage=storage, study_name=name, n_trials=args.trials, seeds=seeds,
+                      sampler=args.sampler, seed=args.seed, progress=not args.quiet)
+    trials = trials_frame(problem, study)
+    trials.to_csv(out / "trials.csv", index=False, float_format="%.6g")
+    top = ranked_assignments(problem, study, args.objective, args.top)
+    if not top:  # cannot happen with the optimum enqueued, unless the study was made from other measurements
+        top = pick_order([optimum], args.objective)
+
+    results: list[Validation] = []
+    base_ms = None
+    if not args.no_validate:
+        device = settings.device
+        net = build_model(model.spec, device=device, dtype=DTYPES[dtype])
+        plans = [candidate_plan(_label(i), adapter_config(model, problem, a), a.params, a.step_ms, a.mem_mb)
+                 for i, a in enumerate(top)]
+        plans += baseline_plans(model, problem, here, budget)
+        timing = WHOLE_MODEL_GPU if device.type == "cuda" else WHOLE_MODEL_CPU
+        results = validate(net, [t.name for t in model.targets], plans, batch=batch, seq_len=seq_len,
+                           dtype=DTYPES[dtype], timing=timing, progress=not args.quiet)
+        del net
+        base = next((v for v in results if v.label == "no adapter" and v.step is not None), None)
+        base_ms = base.step.median if base else None
+    measured = {v.label: v for v in results if v.kind == "candidate"}
+    index = choose(top, measured, args.objective) if results else 0
+    pick, picked = top[index], measured.get(_label(index))
+    validation_frame(results, base_ms, _label(index)).to_csv(out / "validation.csv", index=False,
+                                                             float_format="%.6g")
+    meta = {
+        "model_spec": model.spec, "budget": budget, "min_fill": args.min_fill, "objective": args.objective,
+        "total_params": pick.params, "predicted_overhead_ms": pick.step_ms,
+        "optimum_overhead_ms": optimum.step_ms, "base_step_ms": base_ms,
+        "predicted_step_ms": None if base_ms is None else base_ms + pick.step_ms,
+        "measured_step_ms": picked.step.median if picked and picked.step else None,
+        "predicted_mem_mb": pick.mem_mb, "measured_mem_mb": picked.mem_mb if picked else None,
+        "device": info.to_dict(), "tokens": settings.tokens, "batch_size": batch, "seq_len": seq_len,
+        "dtype": dtype, "command": command,
+        "study": {"name": name, "storage": storage, "trials": len(study.trials), "sampler": args.sampler},
+    }
+    config = adapter_config(model, problem, pick, **meta)
+    config.save(out / "adapter_config.json")
+    if all(lc.method == "c3a" for lc in config.layers.values()):
+        _write_peft(config, out / "peft")
+    _write_report(out, args.plotlyjs)
+    keys = ("total_params", "budget", "predicted_overhead_ms", "optimum_overhead_ms", "base_step_ms",
+            "predicted_step_ms", "measured_step_ms", "predicted_mem_mb", "measured_mem_mb")
+    return {"printed": {k: meta[k] for k in keys}, "config": config}
+
+
+def _write_peft(config: AdapterConfig, folder: Path) -> None:
+    from importlib.util import find_spec
+
+    if find_spec("peft") is None:
+        return
+    from .peft_interop import to_peft_config
+
+    to_peft_config(config).save_pretrained(str(folder))
+
+
+def _write_report(out: Path, plotlyjs: str) -> None:
+    try:
+        from .report.render import write_report
+    except ImportError:  # the report package is optional at this stage
+        return
+    write_report(out, plotlyjs=plotlyjs)

@@ -1,0 +1,149 @@
+"""Validation: apply the best assignments and the baselines to the real model and time whole training steps.
+
+The model is built with random weights on the device (:func:`circtune.models.build_model`), frozen, and fed
+``inputs_embeds`` of ``[batch, seq_len, hidden]`` that require grad (every layer then passes its input gradient
+on, as in the per-layer profile), with a fixed upstream gradient on the last hidden state. A step is forward,
+backward and the AdamW update of the adapter parameters, timed and memory-measured exactly as the profiler times
+one layer (:mod:`circtune.measure.timing`, :mod:`circtune.measure.memory`).
+
+Candidates are applied with :func:`circtune.apply_adapter` (what a training script does); baselines replace the
+target ``nn.Linear`` s with LoRA / PEFT C3A layers (:mod:`circtune.measure.baselines`). After each measurement
+the original ``nn.Linear`` s are put back, so every assignment runs on the same weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters.inject import _set_submodule, adapter_layers, apply_adapter
+from .config import AdapterConfig, LayerConfig
+from .measure.baselines import build_module
+from .measure.memory import peak_step_memory
+from .measure.timing import Spread, TimingSettings, time_step
+from .space import Candidate
+
+
+class ModelStep(nn.Module):
+    """``x -> last hidden state`` for a transformers model fed embeddings (ViT: its encoder on patch embeddings)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        if "inputs_embeds" in params:
+            self._call = lambda x: model(inputs_embeds=x).last_hidden_state
+        elif hasattr(model, "encoder") and hasattr(model, "embeddings"):
+            self._call = lambda x: model.encoder(x).last_hidden_state
+        else:
+            raise ValueError(f"cannot feed embeddings to {type(model).__name__}: whole-model validation needs a "
+                             "transformers model that accepts inputs_embeds (or has an encoder)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call(x)
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    size = getattr(config, "hidden_size", None)
+    if size is None:
+        raise ValueError(f"{type(model).__name__} has no config.hidden_size: whole-model validation needs it")
+    return int(size)
+
+
+@dataclass(frozen=True)
+class Validation:
+    label: str
+    kind: str  # "candidate" or "baseline"
+    total_params: int
+    predicted_overhead_ms: float | None
+    predicted_mem_mb: float | None
+    step: Spread | None = None
+    mem_mb: float | None = None
+    status: str = "ok"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to validate: a label, its kind, how to put it on the model, its parameters and predictions."""
+
+    label: str
+    kind: str
+    apply: Callable[[nn.Module], None]
+    total_params: int
+    predicted_overhead_ms: float | None = None
+    predicted_mem_mb: float | None = None
+
+
+def candidate_plan(label: str, config: AdapterConfig, total_params: int, predicted_ms: float,
+                   predicted_mem: float) -> Plan:
+    return Plan(label, "candidate", lambda model: apply_adapter(model, config), total_params, predicted_ms,
+                predicted_mem)
+
+
+def baseline_plan(label: str, layers: Mapping[str, Candidate], total_params: int,
+                  predicted_ms: float | None = None, predicted_mem: float | None = None) -> Plan:
+    """Replace each named ``nn.Linear`` with the baseline module of its candidate (LoRA, PEFT C3A, none)."""
+
+    def apply(model: nn.Module) -> None:
+        for name, candidate in layers.items():
+            if candidate.method != "none":
+                _set_submodule(model, name, build_module(candidate, model.get_submodule(name)))
+
+    return Plan(label, "baseline", apply, total_params, predicted_ms, predicted_mem)
+
+
+def _restore(model: nn.Module, originals: Mapping[str, nn.Linear]) -> None:
+    for name, linear in originals.items():
+        _set_submodule(model, name, linear)
+    model.requires_grad_(False)
+
+
+def validate(model: nn.Module, targets: Sequence[str], plans: Sequence[Plan], *, batch: int, seq_len: int,
+             dtype: torch.dtype, timing: TimingSettings, progress: bool = True) -> list[Validation]:
+    """Measure one whole-model training step per plan (the base model's own step is the ``no adapter`` plan's).
+    A plan that fails (out of memory, NaN, an error) is recorded with the reason and the others go on."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    model.requires_grad_(False)
+    originals = {name: model.get_submodule(name) for name in targets}
+    step_module = ModelStep(model)
+    x = torch.randn(batch, seq_len, hidden_size(model), device=device, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        grad = torch.randn_like(step_module(x))
+    results = []
+    for plan in tqdm(plans, desc="validating", unit="model", disable=not progress, dynamic_ncols=True):
+        torch.manual_seed(0)
+        try:
+            plan.apply(model)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+            timing_result, _ = time_step(step_module, x, grad, optimizer, timing)
+            mem = peak_step_memory(step_module, x, grad, optimizer) / 2**20
+            if not torch.isfinite(step_module(x)).all():
+                raise FloatingPointError("the model's output has NaN/Inf")
+            results.append(Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms,
+                                      plan.predicted_mem_mb, timing_result.step, mem))
+        except (RuntimeError, ValueError, FloatingPointError, MemoryError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            results.append(Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms,
+                                      plan.predicted_mem_mb, status=f"failed: {reason}"))
+        finally:
+            optimizer = None
+            _restore(model, originals)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return results
+
+
+def config_for(base_model: str, layers: Mapping[str, LayerConfig], **metadata) -> AdapterConfig:
+    return AdapterConfig(base_model, dict(layers), metadata)
+
+
+def no_adapters_left(model: nn.Module) -> bool:
+    return not adapter_layers(model)

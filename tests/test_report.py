@@ -1,0 +1,292 @@
+"""The report of a search folder: its data for a fixed measurement table, escaping, offline HTML, the CLI."""
+
+import argparse
+import csv
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from circtune.report.data import FolderError, build_report_data, load_folder, pareto_front, short_modules
+from circtune.report.render import render_html, write_report
+
+# Two shapes, two layer indices and one unindexed layer. Times are per layer (ms) added over the frozen layer,
+# except "none" (absolute); FLOPs include the base layer's (1e6 for 64x64, 2e6 for 64x128).
+Q, UP = (64, 64), (64, 128)
+BASE_TIMES = {  # shape -> candidate -> (params, step_ms, peak_mem_mb, flops_fwd_bwd)
+    Q: {("none", "", "", "", ""): (0, 10.0, 1.0, 1.0e6),
+        ("lora", "", "2", "", ""): (256, 1.2, 0.5, 1.1e6),
+        ("peft-c3a", "16", "", "", ""): (256, 4.0, 2.0, 1.4e6),
+        ("c3a", "16", "", "rfft", "torch"): (256, 2.0, 0.8, 1.5e6),
+        ("c3a", "16", "", "", "dense"): (256, 1.5, 0.9, 2.0e6),
+        ("c3a", "32", "", "rfft", "torch"): (128, 1.0, 0.6, 1.3e6),
+        ("c3a", "32", "", "fft", "torch"): (128, 1.8, 0.7, 1.2e6),
+        ("cdvft", "32", "2", "rfft", "torch"): (256, 2.5, 1.1, 1.6e6)},
+    UP: {("none", "", "", "", ""): (0, 20.0, 2.0, 2.0e6),
+         ("lora", "", "2", "", ""): (384, 2.4, 1.0, 2.2e6),
+         ("c3a", "16", "", "rfft", "torch"): (512, 3.0, 1.6, 2.9e6),
+         ("c3a", "16", "", "", "dense"): (512, 4.0, 1.8, 4.0e6),
+         ("c3a", "32", "", "rfft", "torch"): (256, 2.0, 1.2, 2.5e6),
+         ("c3a", "32", "", "fft", "torch"): (256, 2.2, 1.4, 2.4e6),
+         ("cdvft", "32", "2", "rfft", "torch"): (448, 2.1, 1.5, 2.6e6)},
+}
+FAILED = {UP: [(("c3a", "64", "", "rfft", "triton"), "out of memory")]}
+DENSE16 = {"method": "c3a", "block_size": 16, "factors": None, "transform": "rfft", "backend": "dense", "init": "zeros"}
+TORCH32 = {"method": "c3a", "block_size": 32, "factors": None, "transform": "rfft", "backend": "torch", "init": "zeros"}
+CDVFT32 = {"method": "cdvft", "block_size": 32, "factors": 2, "transform": "rfft", "backend": "torch", "alpha": 1.0}
+PICK = {"model.layers.0.attn.q_proj": (Q, DENSE16), "model.layers.1.attn.q_proj": (Q, TORCH32),
+        "model.layers.0.mlp.up_proj": (UP, CDVFT32), "model.layers.1.mlp.up_proj": (UP, CDVFT32),
+        "lm_head": (Q, TORCH32)}
+H100 = {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "index": 0,
+        "properties": {"total_memory_mb": 81559, "sm_count": 132, "power_limit_w": 700},
+        "software": {"torch": "2.13.0", "triton": "3.5.0", "circtune": "0.1.0", "python": "3.11.7", "cuda": "12.8"},
+        "fingerprint": "aaaa1111aaaa1111"}
+COLUMNS = ("model,d_in,d_out,tokens,dtype,method,block_size,factors,transform,backend,params,fwd_ms,bwd_ms,step_ms,"
+           "step_ms_p25,step_ms_p75,peak_mem_mb,flops_fwd,flops_fwd_bwd,status,device_name,device_fingerprint,"
+           "torch_version,triton_version,circtune_version,timestamp,layers,fwd_ms_p25,fwd_ms_p75,bwd_ms_p25,"
+           "bwd_ms_p75,step_ms_total,base_step_ms,peak_mem_mb_total,reps").split(",")
+VALIDATION = [  # deliberately not in display order
+    {"label": "LoRA r=2", "kind": "baseline", "total_params": 1408, "predicted_step_ms": "", "measured_step_ms": 115.0,
+     "predicted_mem_mb": "", "measured_mem_mb": 530.0, "picked": False},
+    {"label": "uniform c3a p=32", "kind": "baseline", "total_params": 896, "predicted_step_ms": 108.5,
+     "measured_step_ms": 111.0, "predicted_mem_mb": 505.0, "measured_mem_mb": 515.0, "picked": False},
+    {"label": "top-2", "kind": "candidate", "total_params": 1400, "predicted_step_ms": 108.0, "measured_step_ms": 109.0,
+     "predicted_mem_mb": 502.0, "measured_mem_mb": 512.0, "picked": False},
+    {"label": "no adapter", "kind": "baseline", "total_params": 0, "predicted_step_ms": 100.0,
+     "measured_step_ms": 100.0, "predicted_mem_mb": 480.0, "measured_mem_mb": 480.0, "picked": False},
+    {"label": "pick", "kind": "candidate", "total_params": 1408, "predicted_overhead_ms": 7.7,
+     "predicted_step_ms": 107.7, "measured_step_ms": 110.0, "measured_step_ms_p25": 108.0,
+     "measured_step_ms_p75": 112.0, "predicted_mem_mb": 500.0, "measured_mem_mb": 520.0, "picked": True},
+    {"label": "PEFT C3A p=16", "kind": "baseline", "total_params": 1280, "predicted_step_ms": "",
+     "measured_step_ms": 140.0, "predicted_mem_mb": "", "measured_mem_mb": 600.0, "picked": False},
+]
+TRIALS = [  # number, source, label, step_ms, mem_mb, total_params, feasible, pareto
+    (0, "optimum", "exact optimum", 7.7, 5.2, 1408, True, True),
+    (1, "baseline", "uniform c3a p=32", 8.5, 4.4, 896, False, False),
+    (2, "sampler", "", 9.0, 4.9, 1380, True, True),
+    (3, "sampler", "", 9.5, 5.5, 1390, True, False),
+    (4, "sampler", "", 6.0, 5.0, 1600, False, False),
+]
+
+
+def write_run(folder, *, model="tiny-llama", budget=1500, device=H100, scale=None, pick=PICK, files=None):
+    """A search folder; ``scale`` maps a candidate (method, p, m, transform, backend) to a time factor."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = files or ("profile.json", "trials.csv", "validation.csv")
+    layers = {name: cfg for name, (_, cfg) in pick.items()}
+    config = {"format": "circtune.adapter/1", "base_model": model, "layers": layers, "budget": budget,
+              "min_fill": 0.9, "total_params": 1408, "predicted_overhead_ms": 7.7, "optimum_overhead_ms": 7.7,
+              "base_step_ms": 100.0, "predicted_step_ms": 107.7, "measured_step_ms": 110.0, "predicted_mem_mb": 500.0,
+              "measured_mem_mb": 520.0, "device": device, "tokens": 256, "dtype": "bf16",
+              "command": f"circtune search --model {model} --budget {budget}", "objective": "latency",
+              "study": {"name": "s-1", "storage": "sqlite:///circtune.db", "trials": 5}}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    counts = {shape: sum(1 for s, _ in pick.values() if s == shape) for shape in BASE_TIMES}
+    with open(folder / "measurements.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        rows = [(s, k, v, "ok") for s, cands in BASE_TIMES.items() for k, v in cands.items()]
+        rows += [(s, k, (None, None, None, None), why) for s, fails in FAILED.items() for k, why in fails]
+        for (d_in, d_out), key, (params, ms, mem, flops), status in rows:
+            ms = None if ms is None else ms * (scale or {}).get(key, 1.0)
+            method, p, m, transform, backend = key
+            w.writerow({"model": model, "d_in": d_in, "d_out": d_out, "tokens": 256, "dtype": "bf16",
+                        "method": method, "block_size": p, "factors": m, "transform": transform, "backend": backend,
+                        "params": params, "step_ms": ms, "step_ms_p25": ms and ms * 0.9,
+                        "step_ms_p75": ms and ms * 1.1, "peak_mem_mb": mem, "flops_fwd_bwd": flops, "status": status,
+                        "device_name": device["name"], "device_fingerprint": device["fingerprint"],
+                        "torch_version": "2.13.0", "circtune_version": "0.1.0",
+                        "timestamp": "2026-11-24T10:00:00+00:00", "layers": counts[(d_in, d_out)], "reps": 20})
+    if "profile.json" in files:
+        profile = {"model": {"spec": model, "name": model, "targets": [{"name": n, "d_in": s[0], "d_out": s[1]}
+                                                                      for n, (s, _) in pick.items()]},
+                   "space": {"description": "both methods, p in [16, 64]"}, "device": device,
+                   "timing": {"warmup": 2, "min_reps": 15, "max_reps": 60, "min_time_s": 0.75, "flush_l2": True},
+                   "command": f"circtune profile --model {model}", "measured": 17, "reused": 0, "failed": 1,
+                   "excluded": {"64x64": [{"what": "backend=triton", "reason": "triton unavailable"}]}}
+        (folder / "profile.json").write_text(json.dumps(profile))
+    if "trials.csv" in files:
+        with open(folder / "trials.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["number", "state", "source", "label", "step_ms", "mem_mb", "total_params", "feasible",
+                        "pareto"])
+            w.writerows([(n, "COMPLETE", *rest) for n, *rest in TRIALS])
+    if "validation.csv" in files:
+        cols = ["label", "kind", "total_params", "predicted_overhead_ms", "predicted_step_ms", "measured_step_ms",
+                "measured_step_ms_p25", "measured_step_ms_p75", "predicted_mem_mb", "measured_mem_mb", "picked"]
+        with open(folder / "validation.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, cols)
+            w.writeheader()
+            w.writerows(VALIDATION)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_report_data(load_folder(write_run(tmp_path_factory.mktemp("run") / "h100")))
+
+
+def test_report_data_is_json(data):
+    json.dumps(data, allow_nan=False)
+    assert data["header"]["model"] == "tiny-llama" and data["header"]["budget"] == 1500
+    assert data["header"]["device"]["fingerprint"] == "aaaa1111aaaa1111"
+    assert ["sm_count", "132"] in data["header"]["device"]["properties"]
+    assert data["notes"] == []
+
+
+def test_pareto_front_per_shape(data):
+    shapes = {(s["d_in"], s["d_out"]): s for s in data["landscape"]}
+    assert [(p["label"], p["params"], p["step_ms"]) for p in shapes[Q]["pareto"]] == [
+        ("c3a p=32 rfft/torch", 128, 1.0), ("c3a p=16 dense", 256, 1.5)]
+    assert [(p["label"], p["params"], p["step_ms"]) for p in shapes[UP]["pareto"]] == [
+        ("c3a p=32 rfft/torch", 256, 2.0), ("cdvft p=32 m=2 rfft/torch", 448, 2.1), ("c3a p=16 rfft/torch", 512, 3.0)]
+    q = shapes[Q]
+    assert q["layers"] == 3 and q["base"]["step_ms"] == 10.0
+    assert {p["label"] for p in q["baselines"]} == {"lora r=2", "peft-c3a p=16"}
+    # the pick uses dense p=16 once and p=32 rfft/torch twice (layer 1 and lm_head) on 64x64
+    assert {p["label"]: p["picked_layers"] for p in q["candidates"]} == {
+        "c3a p=32 rfft/torch": 2, "c3a p=32 fft/torch": 0, "c3a p=16 rfft/torch": 0, "c3a p=16 dense": 1,
+        "cdvft p=32 m=2 rfft/torch": 0}
+    # FLOPs added over the base layer; the fewest (fft) is not the fastest (rfft)
+    assert {p["label"]: p["flops_added"] for p in q["candidates"]}["c3a p=32 fft/torch"] == pytest.approx(2e5)
+    assert q["flops"]["fewest"]["label"] == "c3a p=32 fft/torch"
+    assert q["flops"]["fastest"]["label"] == "c3a p=32 rfft/torch"
+    assert shapes[UP]["failed"] == [{"label": "c3a p=64 rfft/triton", "status": "out of memory"}]
+    assert q["excluded"] == [{"what": "backend=triton", "reason": "triton unavailable"}]
+
+
+def test_pareto_front_function():
+    pts = [dict(label=k, params=a, step_ms=b) for k, a, b in
+           [("a", 10, 5), ("b", 20, 4), ("c", 20, 6), ("d", 30, 7), ("e", 40, 3), ("f", 5, 1), ("g", 40, 3)]]
+    assert [p["label"] for p in pareto_front(pts)] == ["f", "e"]
+
+
+def test_backends_per_block_size(data):
+    b = next(s for s in data["landscape"] if (s["d_in"], s["d_out"]) == Q)["backends"]
+    assert b["groups"] == [{"family": "c3a", "block_size": 16}, {"family": "c3a", "block_size": 32},
+                           {"family": "cdvft m=2", "block_size": 32}]
+    assert b["series"] == [{"variant": "rfft/torch", "step_ms": [2.0, 1.0, 2.5]},
+                           {"variant": "fft/torch", "step_ms": [None, 1.8, None]},
+                           {"variant": "dense", "step_ms": [1.5, None, None]}]
+
+
+def test_per_layer_map_and_totals(data):
+    m = data["pick"]["map"]
+    assert m["x"] == ["0", "1", "–"] and m["y"] == ["q_proj", "up_proj", "lm_head"]
+    cells = {(c["x"], c["y"]): c["class"] for c in m["cells"]}
+    assert cells == {("0", "q_proj"): "c3a p=16", ("1", "q_proj"): "c3a p=32", ("0", "up_proj"): "cdvft p=32",
+                     ("1", "up_proj"): "cdvft p=32", ("–", "lm_head"): "c3a p=32"}
+    assert [(k["class"], k["layers"], k["params"]) for k in m["classes"]] == [
+        ("c3a p=16", 1, 256), ("c3a p=32", 2, 256), ("cdvft p=32", 2, 896)]
+    layers = {lay["name"]: lay for lay in data["pick"]["layers"]}
+    # the dense layer's config says transform "rfft": it still matches the dense measurement (no transform)
+    assert layers["model.layers.0.attn.q_proj"]["label"] == "c3a p=16 dense"
+    assert layers["model.layers.0.attn.q_proj"]["step_ms"] == 1.5
+    t = data["pick"]["totals"]
+    assert t["layers"] == 5 and t["total_params"] == 1408 and t["sum_layer_params"] == 1408
+    assert t["sum_layer_step_ms"] == pytest.approx(1.5 + 1.0 + 2.1 + 2.1 + 1.0)
+    assert t["fill"] == pytest.approx(1408 / 1500)
+
+
+def test_short_module_names():
+    assert short_modules(["encoder.layer.attention.self.query", "encoder.layer.attention.output.dense",
+                          "encoder.layer.output.dense"]) == {
+        "encoder.layer.attention.self.query": "query", "encoder.layer.attention.output.dense": "attention.output.dense",
+        "encoder.layer.output.dense": "layer.output.dense"}
+
+
+def test_bars_order_and_validation(data):
+    bars = data["pick"]["bars"]
+    assert [b["label"] for b in bars] == ["pick", "top-2", "no adapter", "LoRA r=2", "PEFT C3A p=16",
+                                         "uniform c3a p=32"]
+    assert bars[0]["picked"] and bars[0]["measured_step_ms_p75"] == 112.0
+    v = {r["label"]: r for r in data["validation"]}
+    assert set(v) == {"pick", "top-2", "no adapter", "uniform c3a p=32"}  # LoRA, PEFT: nothing predicted
+    assert v["pick"]["step_error_pct"] == pytest.approx(100 * (107.7 - 110.0) / 110.0)
+
+
+def test_search_history(data):
+    s = data["search"]
+    assert s["counts"] == {"trials": 5, "feasible": 3, "pareto": 2, "seeded": 2}
+    assert s["best_so_far"] == [{"number": 0, "step_ms": 7.7}]  # trial 4 is faster but over the budget
+    assert [t["number"] for t in s["front"]] == [0, 2]
+
+
+def test_missing_optional_files_are_noted(tmp_path):
+    folder = write_run(tmp_path / "bare", files=("none",))
+    data = build_report_data(load_folder(folder))
+    assert data["search"] is None and data["validation"] == []
+    assert any("trials.csv is missing" in n for n in data["notes"])
+    assert any("validation.csv is missing" in n for n in data["notes"])
+    assert [b["label"] for b in data["pick"]["bars"]] == ["pick", "no adapter"]
+    # without profile.json, two shapes in the measurements: layer shapes are unknown
+    assert all(lay["step_ms"] is None for lay in data["pick"]["layers"])
+    html = render_html(data)
+    assert "No trials.csv in the folder" in html and "No validation.csv in the folder" in html
+
+
+@pytest.mark.parametrize("missing", ["adapter_config.json", "measurements.csv"])
+def test_refuses_folder_without_required_file(tmp_path, missing):
+    folder = write_run(tmp_path / "run")
+    (folder / missing).unlink()
+    with pytest.raises(FolderError, match=re.escape(f"{folder}: missing {missing}")):
+        load_folder(folder)
+
+
+def test_html_escapes_model_and_layer_names(tmp_path):
+    evil = "<script>alert(1)</script>"
+    pick = {f"model.layers.0.{evil}": (Q, TORCH32), **{k: v for k, v in PICK.items() if "layers.0.attn" not in k}}
+    folder = write_run(tmp_path / "evil", model=evil, pick=pick,
+                       device={**H100, "name": f"GPU {evil}", "properties": {evil: evil}})
+    html = render_html(build_report_data(load_folder(folder)), plotlyjs="cdn")
+    assert evil not in html and "alert(1)</" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    # only our own script tags: the plotly.js include and its config, and one per chart
+    assert len(re.findall(r"<script", html)) == 2 + html.count('class="plotly-graph-div"')
+
+
+def test_inline_html_is_self_contained_and_cdn_is_small(tmp_path):
+    folder = write_run(tmp_path / "run")
+    inline = write_report(folder)
+    assert inline == folder / "report.html"
+    text = inline.read_text()
+    assert not re.search(r"<script[^>]+src=", text) and "<link" not in text
+    assert text.count("Plotly.newPlot") == text.count('class="plotly-graph-div"') == 15
+    cdn = write_report(folder, tmp_path / "cdn.html", plotlyjs="cdn").read_text()
+    assert re.findall(r'<script[^>]+src="([^"]+)"', cdn) == [re.search(r"https://cdn\.plot\.ly/plotly-[\d.]+\.min\.js",
+                                                                       cdn).group(0)]
+    assert len(cdn) < len(text) / 10
+    with pytest.raises(ValueError, match="plotlyjs"):
+        write_report(folder, plotlyjs="web")
+
+
+def test_cli_report(tmp_path, capsys):
+    from circtune.cli import report
+
+    folder = write_run(tmp_path / "run")
+    p = argparse.ArgumentParser()
+    report.add_arguments(p)
+    assert report.run(p.parse_args([str(folder), "--out", str(tmp_path / "r.html"), "--plotlyjs", "cdn"])) == 0
+    assert (tmp_path / "r.html").exists() and "wrote" in capsys.readouterr().out
+    with pytest.raises(FolderError, match="missing adapter_config.json and measurements.csv"):
+        report.run(p.parse_args([str(tmp_path)]))
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    """Every chart draws (an SVG per chart in the DOM) and the console shows no error."""
+    path = write_report(write_run(tmp_path / "run"))
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'prof'}",
+           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--dump-dom", path.as_uri()]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    charts = out.stdout.count('class="plotly-graph-div')
+    assert charts == 15
+    assert out.stdout.count('class="main-svg"') >= charts  # plotly drew into every div
+    console = [line for line in out.stderr.splitlines() if "CONSOLE" in line]
+    assert not [line for line in console if "error" in line.lower()], console

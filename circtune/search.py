@@ -157,8 +157,8 @@ def build_problem(layers: Sequence[TargetLayer], frame: pd.DataFrame, budget: in
     if smallest > problem.hi or largest < problem.lo:
         raise BudgetError(
             f"budget {format_count(budget)} cannot be met: with {len(layers)} target layers and this space, totals "
-            f"range from {format_count(smallest)} ({smallest:,}) to {format_count(largest)} ({largest:,}) "
-            f"parameters, and the budget needs {problem.lo:,}..{problem.hi:,} (--min-fill {min_fill:g})")
+            f"range from {smallest:,} to {largest:,} parameters (smallest and largest feasible), and the budget "
+            f"needs {problem.lo:,}..{problem.hi:,} (--min-fill {min_fill:g})")
     return problem
 
 

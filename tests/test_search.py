@@ -1,0 +1,189 @@
+import itertools
+import json
+import random
+
+import pandas as pd
+import pytest
+
+import circtune
+from circtune.cli.main import main
+from circtune.models import TargetLayer, build_model
+from circtune.search import (
+    BudgetError,
+    Option,
+    Problem,
+    build_problem,
+    exact_optimum,
+    neighbours,
+    parse_budget,
+    ranked_assignments,
+    repair,
+    run_study,
+    trials_frame,
+    uniform_c3a,
+)
+from circtune.space import Candidate
+
+
+@pytest.mark.parametrize("text, value", [("100k", 100_000), ("1.5M", 1_500_000), ("250000", 250_000),
+                                         ("2K", 2_000), (" 3m ", 3_000_000), ("1e5", 100_000), (42, 42)])
+def test_parse_budget(text, value):
+    assert parse_budget(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "10x", "-5", "0", "1.2345k"])
+def test_parse_budget_errors(text):
+    with pytest.raises(BudgetError, match="budget"):
+        parse_budget(text)
+
+
+def _random_problem(rng: random.Random, n_layers: int, n_options: int, min_fill: float) -> Problem:
+    layers = tuple(TargetLayer(f"l{i}", 8, 8) for i in range(n_layers))
+    options = []
+    for i in range(n_layers):
+        opts = {}
+        while len(opts) < n_options:
+            c = Candidate("c3a", rng.randint(1, 64), None, "rfft", f"b{i}")
+            opts[c] = Option(c, rng.choice([3, 6, 9, 12, 15, 30]) * rng.randint(1, 8), rng.uniform(0.1, 10),
+                             rng.uniform(0, 5))
+        options.append(tuple(sorted(opts.values(), key=lambda o: o.params)))
+    sizes = [sum(o.params for o in opts) / len(opts) for opts in options]
+    return Problem(layers, tuple(options), int(sum(sizes) * rng.uniform(0.6, 1.3)), min_fill)
+
+
+def _brute_force(problem: Problem):
+    best = None
+    for choice in itertools.product(*(range(len(o)) for o in problem.options)):
+        params, step, _ = problem.totals(choice)
+        if problem.feasible(params) and (best is None or step < best):
+            best = step
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_knapsack_optimum_equals_brute_force(seed):
+    rng = random.Random(seed)
+    problem = _random_problem(rng, rng.randint(2, 5), rng.randint(2, 5), rng.choice([0.0, 0.5, 0.9]))
+    truth = _brute_force(problem)
+    if truth is None:
+        with pytest.raises(BudgetError):
+            exact_optimum(problem)
+        return
+    best = exact_optimum(problem)
+    assert best.step_ms == pytest.approx(truth)
+    assert problem.feasible(best.params) and problem.totals(best.choice)[0] == best.params
+    for a in neighbours(problem, best):
+        assert problem.feasible(a.params) and a.step_ms >= best.step_ms - 1e-9
+    fixed = repair(problem, [len(o) - 1 for o in problem.options])
+    assert len(fixed) == len(problem.layers)
+
+
+def _frame(rows):
+    cols = ["d_in", "d_out", "tokens", "dtype", "method", "block_size", "factors", "transform", "backend", "params",
+            "step_ms", "peak_mem_mb", "status"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _table():
+    rows = []
+    for (d_in, d_out) in [(64, 64), (64, 128)]:
+        for p in (8, 16, 32, 64):
+            for backend, t in (("torch", "rfft"), ("dense", None)):
+                params = d_in * d_out // p
+                rows.append([d_in, d_out, 32, "fp32", "c3a", p, None, t, backend, params,
+                             1.0 + 64 / p + (0.5 if backend == "dense" else 0.0), params / 1e4, "ok"])
+        rows.append([d_in, d_out, 32, "fp32", "cdvft", 16, 2, "rfft", "torch",
+                     circtune.cdvft_num_params(d_in, d_out, 16, 2), 3.0, 0.1, "ok"])
+        rows.append([d_in, d_out, 32, "fp32", "c3a", 4, None, "rfft", "torch", d_in * d_out // 4, None, None,
+                     "out of memory: x"])
+    return _frame(rows)
+
+
+LAYERS = [TargetLayer(f"blocks.{i}.{m}", *shape) for i in range(3) for m, shape in (("a", (64, 64)),
+                                                                                      ("b", (64, 128)))]
+
+
+def test_build_problem_uses_ok_rows_and_states_infeasible_budgets():
+    problem = build_problem(LAYERS, _table(), 3000)
+    assert all(o.candidate.block_size != 4 for opts in problem.options for o in opts)  # failed row left out
+    smallest = 3 * (64 + 128)  # every layer at p=64
+    largest = 3 * max(64 * 64 // 8, circtune.cdvft_num_params(64, 64, 16, 2)) + 3 * (64 * 128 // 8)
+    with pytest.raises(BudgetError, match=rf"range from {smallest:,} to {largest:,} parameters"):
+        build_problem(LAYERS, _table(), 100)
+    with pytest.raises(BudgetError, match="cannot be met"):
+        build_problem(LAYERS, _table(), 10**7)
+    with pytest.raises(ValueError, match="no measured adapter option for shape"):
+        build_problem([TargetLayer("x", 32, 32)], _table(), 1000)
+    only_dense = build_problem(LAYERS, _table(), 3000, backends=["dense"])
+    assert {o.candidate.backend for opts in only_dense.options for o in opts} == {"dense"}
+
+
+def test_study_picks_stay_in_the_window_and_a_rerun_resumes(tmp_path):
+    problem = build_problem(LAYERS, _table(), 3000, 0.9)
+    best = exact_optimum(problem)
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    seeds = [best, *neighbours(problem, best), *uniform_c3a(problem)]
+    study = run_study(problem, storage=storage, study_name="t", n_trials=30, seeds=seeds, progress=False)
+    assert len(study.trials) == 30
+    trials = trials_frame(problem, study)
+    assert trials.source.iloc[0] == "optimum" and trials.step_ms.iloc[0] == pytest.approx(best.step_ms)
+    assert trials.pareto.any() and set(trials[trials.pareto].feasible) == {True}
+    for objective in ("latency", "memory", "balanced"):
+        top = ranked_assignments(problem, study, objective, 3)
+        assert top and all(problem.lo <= a.params <= problem.hi for a in top)
+    assert ranked_assignments(problem, study, "latency", 1)[0].step_ms == pytest.approx(best.step_ms)
+    again = run_study(problem, storage=storage, study_name="t", n_trials=7, seeds=seeds, progress=False)
+    assert len(again.trials) == 37  # added to the stored study, not started over
+    assert sum(t.user_attrs.get("source") == "optimum" for t in again.trials) == 1
+
+
+def test_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "roberta", "vocab_size": 50, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 40, "type_vocab_size": 1}))
+    space = tmp_path / "space.toml"
+    space.write_text('methods = ["c3a"]\nblock_sizes = [16, 32, 64]\ntransforms = ["rfft"]\n'
+                     'backends = ["torch", "dense"]\n')
+    out = tmp_path / "out"
+    args = ["search", "--model", str(folder), "--budget", "900", "--space", str(space), "--batch-size", "2",
+            "--seq-len", "8", "--warmup", "0", "--min-reps", "2", "--max-reps", "2", "--min-time", "0",
+            "--trials", "12", "--top", "2", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    for name in ("adapter_config.json", "measurements.csv", "profile.json", "trials.csv", "validation.csv",
+                 "circtune.db", "peft/adapter_config.json"):
+        assert (out / name).exists(), name
+    meta = json.loads((out / "adapter_config.json").read_text())
+    assert 810 <= meta["total_params"] <= 900 and meta["budget"] == 900
+    assert meta["predicted_overhead_ms"] >= meta["optimum_overhead_ms"] - 1e-9
+    assert meta["tokens"] == 16 and meta["dtype"] == "fp32" and meta["measured_step_ms"] > 0
+    model = circtune.apply_adapter(build_model(str(folder), device="cpu"), out / "adapter_config.json")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == meta["total_params"]
+    peft = pytest.importorskip("peft")
+    assert isinstance(peft.PeftConfig.from_pretrained(str(out / "peft")), peft.C3AConfig)
+    validation = pd.read_csv(out / "validation.csv")
+    assert validation.picked.sum() == 1 and "no adapter" in set(validation.label)
+    assert "pick" in set(validation.label) and set(validation.status) == {"ok"}
+    # A second run resumes the study and measures nothing new.
+    assert main(args) == 0
+    meta2 = json.loads((out / "adapter_config.json").read_text())
+    assert meta2["study"]["trials"] == 24
+
+
+@pytest.mark.parametrize("budget, message", [("lots", "is not a number of parameters"),
+                                             ("5", "budget 5 cannot be met")])
+def test_search_budget_errors(tmp_path, capsys, budget, message):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "roberta", "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 40, "type_vocab_size": 1}))
+    space = tmp_path / "space.toml"
+    space.write_text('methods = ["c3a"]\nblock_sizes = [32]\ntransforms = ["rfft"]\nbackends = ["torch"]\n')
+    code = main(["search", "--model", str(folder), "--budget", budget, "--space", str(space), "--tokens", "8",
+                 "--warmup", "0", "--min-reps", "2", "--max-reps", "2", "--min-time", "0", "--quiet",
+                 "--no-validate", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -60,7 +60,8 @@ VALIDATION = [  # deliberately not in display order
      "predicted_step_ms": 107.7, "measured_step_ms": 110.0, "measured_step_ms_p25": 108.0,
      "measured_step_ms_p75": 112.0, "predicted_mem_mb": 500.0, "measured_mem_mb": 520.0, "picked": True},
     {"label": "PEFT C3A p=16", "kind": "baseline", "total_params": 1280, "predicted_step_ms": "",
-     "measured_step_ms": 140.0, "predicted_mem_mb": "", "measured_mem_mb": 600.0, "picked": False},
+     "measured_step_ms": "", "predicted_mem_mb": "", "measured_mem_mb": "", "picked": False,
+     "status": "failed: out of memory"},
 ]
 TRIALS = [  # number, source, label, step_ms, mem_mb, total_params, feasible, pareto
     (0, "optimum", "exact optimum", 7.7, 5.2, 1408, True, True),
@@ -71,8 +72,10 @@ TRIALS = [  # number, source, label, step_ms, mem_mb, total_params, feasible, pa
 ]
 
 
-def write_run(folder, *, model="tiny-llama", budget=1500, device=H100, scale=None, pick=PICK, files=None):
-    """A search folder; ``scale`` maps a candidate (method, p, m, transform, backend) to a time factor."""
+def write_run(folder, *, model="tiny-llama", budget=1500, device=H100, scale=None, pick=PICK, files=None,
+              extra=None, failed=FAILED):
+    """A search folder; ``scale`` maps a candidate (method, p, m, transform, backend) to a time factor, ``extra``
+    adds measured rows ({shape: {candidate: (params, step_ms, mem, flops)}})."""
     folder.mkdir(parents=True, exist_ok=True)
     files = files or ("profile.json", "trials.csv", "validation.csv")
     layers = {name: cfg for name, (_, cfg) in pick.items()}
@@ -88,7 +91,8 @@ def write_run(folder, *, model="tiny-llama", budget=1500, device=H100, scale=Non
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
         rows = [(s, k, v, "ok") for s, cands in BASE_TIMES.items() for k, v in cands.items()]
-        rows += [(s, k, (None, None, None, None), why) for s, fails in FAILED.items() for k, why in fails]
+        rows += [(s, k, v, "ok") for s, cands in (extra or {}).items() for k, v in cands.items()]
+        rows += [(s, k, (None, None, None, None), why) for s, fails in failed.items() for k, why in fails]
         for (d_in, d_out), key, (params, ms, mem, flops), status in rows:
             ms = None if ms is None else ms * (scale or {}).get(key, 1.0)
             method, p, m, transform, backend = key
@@ -115,11 +119,12 @@ def write_run(folder, *, model="tiny-llama", budget=1500, device=H100, scale=Non
             w.writerows([(n, "COMPLETE", *rest) for n, *rest in TRIALS])
     if "validation.csv" in files:
         cols = ["label", "kind", "total_params", "predicted_overhead_ms", "predicted_step_ms", "measured_step_ms",
-                "measured_step_ms_p25", "measured_step_ms_p75", "predicted_mem_mb", "measured_mem_mb", "picked"]
+                "measured_step_ms_p25", "measured_step_ms_p75", "predicted_mem_mb", "measured_mem_mb", "picked",
+                "status"]
         with open(folder / "validation.csv", "w", newline="") as f:
             w = csv.DictWriter(f, cols)
             w.writeheader()
-            w.writerows(VALIDATION)
+            w.writerows([{"status": "ok", **row} for row in VALIDATION])
     return folder
 
 
@@ -133,7 +138,7 @@ def test_report_data_is_json(data):
     assert data["header"]["model"] == "tiny-llama" and data["header"]["budget"] == 1500
     assert data["header"]["device"]["fingerprint"] == "aaaa1111aaaa1111"
     assert ["sm_count", "132"] in data["header"]["device"]["properties"]
-    assert data["notes"] == []
+    assert data["notes"] == ["whole-model validation failed for 1 assignment(s): PEFT C3A p=16 (failed: out of memory)"]
 
 
 def test_pareto_front_per_shape(data):
@@ -277,16 +282,30 @@ def test_cli_report(tmp_path, capsys):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
-def test_report_renders_in_headless_chromium(tmp_path):
-    """Every chart draws (an SVG per chart in the DOM) and the console shows no error."""
-    path = write_report(write_run(tmp_path / "run"))
+def _chromium(path, profile):
+    """Headless Chromium on a file: (DOM after the scripts ran, the page's console lines)."""
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'prof'}",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
            "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--dump-dom", path.as_uri()]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    charts = out.stdout.count('class="plotly-graph-div')
-    assert charts == 15
-    assert out.stdout.count('class="main-svg"') >= charts  # plotly drew into every div
-    console = [line for line in out.stderr.splitlines() if "CONSOLE" in line]
-    assert not [line for line in console if "error" in line.lower()], console
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_report_and_compare_render_in_headless_chromium(tmp_path):
+    """Every chart is drawn (plotly marks its div js-plotly-plot and adds its SVG) and the page logs nothing to the
+    console: an uncaught error, a failed promise or console.error would all show as CONSOLE lines."""
+    from circtune.report.compare import write_compare
+
+    report = write_report(write_run(tmp_path / "a"))
+    other = write_run(tmp_path / "b", device={**H100, "name": "other GPU", "fingerprint": "b"}, scale={
+        ("c3a", "16", "", "", "dense"): 3.0})
+    compare = write_compare([tmp_path / "a", other], tmp_path / "compare.html")
+    runs = [(path, charts, _chromium(path, tmp_path / f"profile-{i}"))
+            for i, (path, charts) in enumerate([(report, 15), (compare, 3)])]
+    for path, charts, proc in runs:
+        dom, log = proc.communicate(timeout=120)
+        assert dom.count('class="plotly-graph-div') == charts, path
+        assert dom.count('class="plotly-graph-div js-plotly-plot"') == charts, path
+        assert dom.count('class="main-svg"') >= charts, path
+        console = [line for line in log.splitlines() if ":CONSOLE" in line]
+        assert console == [], (path, console)

@@ -182,6 +182,8 @@ def ratio_figure(shape: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) ->
             hovertemplate="%{x}<br>%{y:.3g}× (A %{customdata[0]:.4g} ms, " + esc(run["tag"])
                           + " %{customdata[1]:.4g} ms)<extra></extra>"))
     fig.add_hline(y=1, line=dict(color="#555", dash="dash"))
+    ratios = [v for r in shape["rows"] for v in r["ratio"][1:] if v is not None]
+    fig.update_yaxes(type="log" if ratios and min(ratios) > 0 else "linear")  # 2x and 0.5x equally far from 1
     fig.update_layout(title=f"Step time relative to A ({shape['d_in']} × {shape['d_out']})", barmode="group",
                       yaxis_title="time ratio (lower: faster than A)", xaxis_tickangle=-40)
     return fig

@@ -253,6 +253,7 @@ def _header(run: RunFolder, frame: pd.DataFrame) -> dict[str, Any]:
             "total_params": integer(cfg.get("total_params")), "tokens": integer(cfg.get("tokens")),
             "dtype": _text(cfg.get("dtype")), "command": _text(cfg.get("command")),
             "objective": _text(cfg.get("objective")), "min_fill": num(cfg.get("min_fill")),
+            "batch_size": integer(cfg.get("batch_size")), "seq_len": integer(cfg.get("seq_len")),
             "study": cfg.get("study") if isinstance(cfg.get("study"), Mapping) else None,
             "device": _device(run, frame), "folder": run.path}
 
@@ -316,9 +317,10 @@ def _bars(run: RunFolder, notes: list[str]) -> list[dict[str, Any]]:
         cfg = run.config
         notes.append("validation.csv is missing: the whole-model comparison with the baselines is not available; "
                      "only the pick's own totals from adapter_config.json are shown")
-        bars = [{"label": "pick", "kind": "candidate", "picked": True, **{c: num(cfg.get(c)) for c in cols}}]
+        bars = [{"label": "pick", "kind": "candidate", "picked": True, "status": "ok",
+                 **{c: num(cfg.get(c)) for c in cols}}]
         if num(cfg.get("base_step_ms")) is not None:
-            bars.append({"label": "no adapter", "kind": "baseline", "picked": False,
+            bars.append({"label": "no adapter", "kind": "baseline", "picked": False, "status": "ok",
                          **{c: None for c in cols}, "total_params": 0.0, "measured_step_ms": num(cfg["base_step_ms"])})
         return bars
     rows = []
@@ -327,7 +329,10 @@ def _bars(run: RunFolder, notes: list[str]) -> list[dict[str, Any]]:
         rows.append((kind != "candidate", not _bool(row.get("picked")),
                      _baseline_rank(label) if kind != "candidate" else 0, i,
                      {"label": label, "kind": kind, "picked": _bool(row.get("picked")),
-                      **{c: num(row.get(c)) for c in cols}}))
+                      "status": _text(row.get("status")) or "ok", **{c: num(row.get(c)) for c in cols}}))
+    failed = [f"{r[-1]['label']} ({r[-1]['status']})" for r in rows if r[-1]["status"] != "ok"]
+    if failed:
+        notes.append(f"whole-model validation failed for {len(failed)} assignment(s): {'; '.join(failed)}")
     return [r[-1] for r in sorted(rows, key=lambda r: r[:4])]
 
 
@@ -420,7 +425,7 @@ def _predicted_vs_measured(bars: Sequence[Mapping[str, Any]]) -> list[dict[str, 
         pm, mm = b.get("predicted_mem_mb"), b.get("measured_mem_mb")
         if pred is None and pm is None:
             continue
-        out.append({"label": b["label"], "kind": b["kind"], "picked": b["picked"],
+        out.append({"label": b["label"], "kind": b["kind"], "picked": b["picked"], "status": b["status"],
                     "predicted_step_ms": pred, "measured_step_ms": meas,
                     "step_error_pct": 100 * (pred - meas) / meas if pred is not None and meas else None,
                     "predicted_mem_mb": pm, "measured_mem_mb": mm,

@@ -212,11 +212,15 @@ def landscape_figure(shape: Mapping[str, Any]) -> go.Figure:
 def flops_figure(shape: Mapping[str, Any]) -> go.Figure:
     fig = go.Figure()
     pts = [p for p in shape["candidates"] if p["flops_added"] is not None and p["step_ms"] is not None]
-    for variant, colour in variant_colours(p["variant"] for p in pts).items():
+    known = list(_VARIANT_COLOURS)
+    variants = sorted({p["variant"] for p in pts}, key=lambda v: (known.index(v) if v in known else len(known), v))
+    for variant, colour in variant_colours(variants).items():
         mine = [dict(p, mflop=p["flops_added"] / 1e6) for p in pts if p["variant"] == variant]
         fig.add_trace(_point_trace(mine, variant, colour, x="mflop"))
     rho = shape["flops"]["spearman"]
-    fig.update_xaxes(title="added FLOPs, forward + backward (MFLOP)", type="log")
+    # a log axis would hide a candidate that adds no FLOPs (or fewer than the base layer's, when counted apart)
+    fig.update_xaxes(title="added FLOPs, forward + backward (MFLOP)",
+                     type="log" if all(p["flops_added"] > 0 for p in pts) else "linear")
     fig.update_yaxes(title="added step time per layer (ms)")
     fig.update_layout(title="FLOPs against time" + (f" (Spearman ρ {rho:.2f})" if rho is not None else ""))
     return fig
@@ -311,16 +315,19 @@ def predicted_figure(rows: Sequence[Mapping[str, Any]], what: str) -> go.Figure:
 
 # --------------------------------------------------------------------------------------------------- sections
 def device_table(device: Mapping[str, Any]) -> str:
-    rows = [["device", device["name"]], ["kind", device["kind"]], ["fingerprint", device["fingerprint"]]]
-    return table(["", ""], rows + device["properties"] + [[f"{k} version", v] for k, v in device["software"]])
+    rows = [["kind", device["kind"]], ["fingerprint", device["fingerprint"]]]
+    return table(["device", device["name"]], rows + device["properties"]
+                 + [[f"{k} version", v] for k, v in device["software"]])
 
 
 def _header_html(data: Mapping[str, Any]) -> list[str]:
     h, t = data["header"], data["pick"]["totals"]
     fill = f" ({100 * t['fill']:.1f} % of the budget)" if t.get("fill") is not None else ""
     study = h.get("study") or {}
+    tokens = fmt(h["tokens"]) + (f" (batch {h['batch_size']} × sequence {h['seq_len']})"
+                                 if h.get("batch_size") and h.get("seq_len") else "")
     rows = [["model", h["model"]], ["budget", fmt(h["budget"])], ["adapter parameters", fmt(t["total_params"]) + fill],
-            ["tokens per step", fmt(h["tokens"])], ["dtype", h["dtype"]], ["objective", h["objective"]],
+            ["tokens per step", tokens], ["dtype", h["dtype"]], ["objective", h["objective"]],
             ["study", f"{study.get('name', '')} ({study.get('trials', '?')} trials)" if study else "–"],
             ["folder", h["folder"]]]
     nav = " ".join(f'<a href="#{k}">{v}</a>' for k, v in (("pick", "the pick"), ("landscape", "landscape"),
@@ -340,7 +347,7 @@ def _pick_html(pick: Mapping[str, Any]) -> list[str]:
            table(["configuration", "layers", "parameters"],
                  [[k["class"], k["layers"], k["params"]] for k in pick["map"]["classes"]]
                  + [["total", t["layers"], t["total_params"]]]),
-           table(["", "ms / MiB"], [[k.replace("_", " "), t[k]] for k in (
+           table(["whole model and totals", "ms / MiB"], [[k.replace("_", " "), t[k]] for k in (
                "predicted_overhead_ms", "optimum_overhead_ms", "sum_layer_step_ms", "base_step_ms",
                "predicted_step_ms", "measured_step_ms", "predicted_mem_mb", "measured_mem_mb") if t[k] is not None]),
            '<div class="grid">', figure(bars_figure(pick["bars"], "step"), "pick-step"),
@@ -398,10 +405,10 @@ def _validation_html(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return out + ['<div class="grid">', figure(predicted_figure(rows, "step"), "pred-step"),
                   figure(predicted_figure(rows, "mem"), "pred-mem"), "</div>",
                   table(["assignment", "kind", "predicted ms", "measured ms", "error %", "predicted MiB",
-                         "measured MiB", "error %"],
+                         "measured MiB", "error %", "status"],
                         [[r["label"], "pick" if r["picked"] else r["kind"], r["predicted_step_ms"],
                           r["measured_step_ms"], r["step_error_pct"], r["predicted_mem_mb"], r["measured_mem_mb"],
-                          r["mem_error_pct"]] for r in rows])]
+                          r["mem_error_pct"], r["status"]] for r in rows])]
 
 
 def _method_html(m: Mapping[str, Any]) -> list[str]:
@@ -420,7 +427,7 @@ def _method_html(m: Mapping[str, Any]) -> list[str]:
             "backward and the whole step of one layer, paired with its frozen base layer, after warm-up and until "
             "both a minimum number of repetitions and a minimum time are reached; medians with the 25th and 75th "
             "percentiles. Memory is the peak the adapter adds during the step. The search adds the per-layer costs "
-            "(additive model); validation then times whole-model training steps.</p>", table(["", ""], rows)]
+            "(additive model); validation then times whole-model training steps.</p>", table(["setting", "value"], rows)]
 
 
 def render_html(data: Mapping[str, Any], plotlyjs: str = "inline") -> str:

@@ -8,10 +8,10 @@ import traceback
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, devices, models, profile, search
+from . import compare, demo, devices, models, profile, report, search
 
 # Each subcommand module provides NAME, HELP, add_arguments(parser) and run(args) -> int.
-SUBCOMMANDS = (search, profile, models, devices, demo)
+SUBCOMMANDS = (search, profile, report, compare, models, devices, demo)
 
 
 class UsageError(Exception):

@@ -46,16 +46,25 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _max_seq_len(spec: str) -> int:
+    """The longest sequence the model takes (position embeddings; RoBERTa's start after a padding offset)."""
+    from ..models import model_config
+
+    config = model_config(spec)
+    limit = getattr(config, "max_position_embeddings", None) or 512
+    return max(1, min(512, limit - 2))
+
+
 def _batch_shape(args: argparse.Namespace, device: torch.device) -> tuple[int, int]:
+    """Batch size and sequence length of the whole-model steps; their product is the profile's token count."""
     if args.batch_size:
         return args.batch_size, args.seq_len
-    if args.tokens:
-        seq = min(args.tokens, 512)
-        while args.tokens % seq:
-            seq -= 1
-        return args.tokens // seq, seq
     d = SEARCH_GPU if device.type == "cuda" else SEARCH_CPU
-    return d["batch"], d["seq_len"]
+    tokens = args.tokens or d["batch"] * d["seq_len"]
+    seq = min(tokens, _max_seq_len(args.model))
+    while tokens % seq:
+        seq -= 1
+    return tokens // seq, seq
 
 
 def run(args: argparse.Namespace) -> int:

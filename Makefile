@@ -1,10 +1,10 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when missing.
+# Two commands on a fresh machine: `make search` (the main job) and `make test`. Both create .venv when missing.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.circtune-installed
 
-.PHONY: setup demo profile test lint bench clean
+.PHONY: setup search demo profile test lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+search: $(STAMP)
+	$(BIN)/circtune search --model roberta-large --budget 100k
 
 demo: $(STAMP)
 	$(BIN)/circtune demo

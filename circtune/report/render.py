@@ -427,7 +427,8 @@ def _method_html(m: Mapping[str, Any]) -> list[str]:
             "backward and the whole step of one layer, paired with its frozen base layer, after warm-up and until "
             "both a minimum number of repetitions and a minimum time are reached; medians with the 25th and 75th "
             "percentiles. Memory is the peak the adapter adds during the step. The search adds the per-layer costs "
-            "(additive model); validation then times whole-model training steps.</p>", table(["setting", "value"], rows)]
+            "(additive model); validation then times whole-model training steps.</p>",
+            table(["setting", "value"], rows)]
 
 
 def render_html(data: Mapping[str, Any], plotlyjs: str = "inline") -> str:

@@ -140,3 +140,13 @@ def test_cli_compare(folders, tmp_path, capsys):
     with pytest.raises(ValueError, match="different budgets"):
         compare.run(p.parse_args([str(folders[0]), str(other), "-o", str(out)]))
     assert compare.run(p.parse_args([str(folders[0]), str(other), "-o", str(out), "--allow-different"])) == 0
+
+
+def test_no_ratio_for_added_times_within_the_noise(tmp_path):
+    """A paired timing can give an added time at or below zero; it gets no ratio and stays out of the mean."""
+    a = write_run(tmp_path / "h100")
+    noisy = {**SCALE, ("c3a", "32", "", "fft", "torch"): -1.0}
+    b = write_run(tmp_path / "a100", device=A100, scale=noisy, pick=PICK_B)
+    q = next(s for s in build_compare_data([a, b])["shapes"] if (s["d_in"], s["d_out"]) == Q)
+    assert {r["label"]: r["ratio"][1] for r in q["rows"]}["c3a p=32 fft/torch"] is None
+    assert q["no_ratio"] == 1 and q["geomean"][1] == pytest.approx(math.exp(math.log(2 ** 4 * 3) / 6))

@@ -65,8 +65,10 @@ def _ratio_rows(tables: Sequence[Mapping], shape: tuple[int, int]) -> tuple[list
     rows = []
     for c in sorted(shared, key=lambda c: (order.get(c.method, 9), num(per_run[0][c]["params"]) or 0, c.label)):
         ms = [num(t[c]["step_ms"]) for t in per_run]
+        # An added time at or below zero is within the noise of the paired timing: no ratio for it.
         rows.append({"label": c.label, "method": c.method, "params": num(per_run[0][c]["params"]), "step_ms": ms,
-                     "ratio": [None if m is None or not ms[0] else m / ms[0] for m in ms]})
+                     "ratio": [None if m is None or ms[0] is None or m <= 0 or ms[0] <= 0 else m / ms[0]
+                               for m in ms]})
     only = [{"label": c.label, "in": [i for i, t in enumerate(per_run) if c in t]}
             for c in sorted(set().union(*per_run) - shared, key=lambda c: c.label)]
     return rows, only
@@ -112,11 +114,11 @@ def build_compare_data(runs: Sequence[RunFolder | str | Path], *, allow_differen
         rows, only = _ratio_rows(tables, shape)
         geo = []
         for i in range(len(runs)):
-            rs = [r["ratio"][i] for r in rows if r["ratio"][i] and r["method"] != "none"]
+            rs = [r["ratio"][i] for r in rows if r["ratio"][i] is not None and r["method"] != "none"]
             geo.append(math.exp(sum(map(math.log, rs)) / len(rs)) if rs else None)
         ratio_shapes.append({"key": f"{shape[0]}x{shape[1]}", "d_in": shape[0], "d_out": shape[1], "rows": rows,
-                             "geomean": geo, "only_some": [{"label": o["label"], "in": [tags[i] for i in o["in"]]}
-                                                           for o in only]})
+                             "geomean": geo, "no_ratio": sum(None in r["ratio"][1:] for r in rows),
+                             "only_some": [{"label": o["label"], "in": [tags[i] for i in o["in"]]} for o in only]})
 
     picks = []
     for tag, run in zip(tags, runs, strict=True):
@@ -151,7 +153,8 @@ def build_compare_data(runs: Sequence[RunFolder | str | Path], *, allow_differen
                              own_mem_mb=own["mem_mb"], missing=cost["missing"] + own["missing"])
                 if cost["step_ms"] is not None and own["step_ms"] is not None:
                     entry["regret_ms"] = cost["step_ms"] - own["step_ms"]
-                    entry["regret_pct"] = 100 * entry["regret_ms"] / own["step_ms"] if own["step_ms"] else None
+                    # a percentage of an added time at or below zero (timing noise) means nothing
+                    entry["regret_pct"] = 100 * entry["regret_ms"] / own["step_ms"] if own["step_ms"] > 0 else None
                 elif entry["missing"]:
                     entry["note"] = f"{len(entry['missing'])} layer(s) not measured on {tags[b]}"
             regret.append(entry)
@@ -213,7 +216,9 @@ def render_compare_html(data: Mapping[str, Any], plotlyjs: str = "inline") -> st
         geo = ", ".join(f"{r['tag']}/A {g:.3g}×" for r, g in zip(runs[1:], s["geomean"][1:], strict=True)
                         if g is not None)
         body += [f"<h3>{esc(s['d_in'])} × {esc(s['d_out'])}</h3>",
-                 f"<p>geometric mean over adapters and LoRA/PEFT baselines: {esc(geo or '–')}</p>",
+                 f"<p>geometric mean over adapters and LoRA/PEFT baselines: {esc(geo or '–')}"
+                 + (f"; {s['no_ratio']} candidate(s) without a ratio (an added time at or below zero is within the "
+                    "timing noise)" if s["no_ratio"] else "") + "</p>",
                  figure(ratio_figure(s, runs), f"ratio-{i}", 460),
                  table(["candidate", "params"] + [f"{r['tag']} ms" for r in runs] + [f"{r['tag']}/A" for r in runs[1:]],
                        [[r["label"], r["params"], *r["step_ms"], *r["ratio"][1:]] for r in s["rows"]])]

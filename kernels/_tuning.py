@@ -5,6 +5,12 @@ the profiler can set them; ``None`` means "the autotuned default": on a CUDA dev
 timed once per problem key (``triton.testing.do_bench``) and the fastest is cached for the process; under the
 interpreter (``TRITON_INTERPRET=1``, CPU tensors) a fixed small configuration is used, since timing the
 interpreter would measure numpy.
+
+Kernel-writing rule: inside ``@triton.jit`` code use only ``triton.language`` *builtins* (``tl.full``, not
+``tl.zeros``; integer arithmetic, not ``tl.cdiv``). Triton's own library functions are ``@jit`` functions decorated
+when Triton is first imported, and ``torch.utils.flop_counter`` imports Triton before a test can set
+``TRITON_INTERPRET=1``: those library functions are then compiled-mode and cannot be called by an interpreted
+kernel (tests/test_kernels.py checks that order).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def _block_circulant_kernel_grad_kernel(
 
     t_begin = pid_s * TOKENS_PER_SPLIT
     t_end = tl.minimum(T, t_begin + TOKENS_PER_SPLIT)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=ACC)
     for k0 in range(t_begin * P, t_end * P, BLOCK_K):
         kappa = k0 + tl.arange(0, BLOCK_K)  # (t, u) = t * P + u
         mask_k = kappa < t_end * P

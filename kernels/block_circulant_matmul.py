@@ -57,8 +57,8 @@ def _block_circulant_matmul_kernel(
 ):
     # Grouped ordering: GROUP_M row tiles share each column tile of the (generated) weight while it is in L2.
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
     group_size = tl.minimum(num_m - first_m, GROUP_M)
@@ -73,7 +73,7 @@ def _block_circulant_matmul_kernel(
     w_row = (offs_n // P) * Q_K  # first kernel of block row n // P, in units of P
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -152,7 +152,7 @@ def block_circulant_matmul(a: torch.Tensor, w: torch.Tensor, *, scale: float = 1
     q_n, q_k, p = w.shape
     m, k, n = a.shape[0], q_k * p, q_n * p
     w = w.contiguous()
-    acc = acc_dtype(torch.float64 if torch.float64 in (a.dtype, w.dtype) else a.dtype)
+    acc = acc_dtype(a.dtype)  # tl.dot's result type follows its operands, which follow a
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         out = torch.empty(m, n, device=device, dtype=a.dtype)

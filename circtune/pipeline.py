@@ -112,15 +112,23 @@ def _label(i: int) -> str:
     return "pick" if i == 0 else f"top-{i + 1}"
 
 
-def validation_frame(results: Sequence[Validation], base_ms: float | None, picked: str | None) -> pd.DataFrame:
+def _plus(base: float | None, added: float | None) -> float | None:
+    return None if base is None or added is None else base + added
+
+
+def validation_frame(results: Sequence[Validation], base: Validation | None, picked: str | None) -> pd.DataFrame:
+    """Predicted whole-model numbers are the measured base model's plus the summed per-layer additions, so that
+    they compare with the measured ones."""
+    base_ms = base.step.median if base and base.step else None
+    base_mem = base.mem_mb if base else None
     rows = []
     for v in results:
-        predicted_step = None if base_ms is None or v.predicted_overhead_ms is None else base_ms + \
-            v.predicted_overhead_ms
+        predicted_step = _plus(base_ms, v.predicted_overhead_ms)
         rows.append({"label": v.label, "kind": v.kind, "total_params": v.total_params,
                      "predicted_overhead_ms": v.predicted_overhead_ms, "predicted_step_ms": predicted_step,
                      "measured_step_ms": v.step and v.step.median, "measured_step_ms_p25": v.step and v.step.p25,
-                     "measured_step_ms_p75": v.step and v.step.p75, "predicted_mem_mb": v.predicted_mem_mb,
+                     "measured_step_ms_p75": v.step and v.step.p75,
+                     "predicted_mem_mb": _plus(base_mem, v.predicted_mem_mb),
                      "measured_mem_mb": v.mem_mb, "picked": v.label == picked, "status": v.status})
     return pd.DataFrame(rows, columns=list(VALIDATION_COLUMNS))
 
@@ -146,7 +154,7 @@ def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info,
         top = pick_order([optimum], args.objective)
 
     results: list[Validation] = []
-    base_ms = None
+    base = None
     if not args.no_validate:
         device = settings.device
         net = build_model(model.spec, device=device, dtype=DTYPES[dtype])
@@ -158,11 +166,11 @@ def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info,
                            dtype=DTYPES[dtype], timing=timing, progress=not args.quiet)
         del net
         base = next((v for v in results if v.label == "no adapter" and v.step is not None), None)
-        base_ms = base.step.median if base else None
+    base_ms = base.step.median if base else None
     measured = {v.label: v for v in results if v.kind == "candidate"}
     index = choose(top, measured, args.objective) if results else 0
     pick, picked = top[index], measured.get(_label(index))
-    validation_frame(results, base_ms, _label(index)).to_csv(out / "validation.csv", index=False,
+    validation_frame(results, base, _label(index)).to_csv(out / "validation.csv", index=False,
                                                              float_format="%.6g")
     meta = {
         "model_spec": model.spec, "budget": budget, "min_fill": args.min_fill, "objective": args.objective,
@@ -170,7 +178,8 @@ def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info,
         "optimum_overhead_ms": optimum.step_ms, "base_step_ms": base_ms,
         "predicted_step_ms": None if base_ms is None else base_ms + pick.step_ms,
         "measured_step_ms": picked.step.median if picked and picked.step else None,
-        "predicted_mem_mb": pick.mem_mb, "measured_mem_mb": picked.mem_mb if picked else None,
+        "predicted_extra_mem_mb": pick.mem_mb, "predicted_mem_mb": _plus(base.mem_mb if base else None, pick.mem_mb),
+        "measured_mem_mb": picked.mem_mb if picked else None,
         "device": info.to_dict(), "tokens": settings.tokens, "batch_size": batch, "seq_len": seq_len,
         "dtype": dtype, "command": command,
         "study": {"name": name, "storage": storage, "trials": len(study.trials), "sampler": args.sampler},

@@ -94,9 +94,11 @@ def options_by_shape(frame: pd.DataFrame, *, methods: Sequence[str] | None = Non
         ok = ok[ok.backend.isin(list(backends))]
     out: dict[tuple[int, int], list[Option]] = {}
     for row in ok.itertuples():
-        mem = 0.0 if pd.isna(row.peak_mem_mb) else float(row.peak_mem_mb)
+        # An adapter cannot make the step faster or smaller: a negative added median is timing noise on a layer
+        # whose cost is below the resolution, and counts as zero.
+        mem = 0.0 if pd.isna(row.peak_mem_mb) else max(0.0, float(row.peak_mem_mb))
         out.setdefault((int(row.d_in), int(row.d_out)), []).append(
-            Option(_candidate(row), int(row.params), float(row.step_ms), mem))
+            Option(_candidate(row), int(row.params), max(0.0, float(row.step_ms)), mem))
     for opts in out.values():
         opts.sort(key=lambda o: (o.params, o.step_ms, o.mem_mb))
     return out

@@ -2,4 +2,12 @@
 
 Import as ``circtune.kernels``; this folder is mapped there by pyproject.toml, so no top-level ``kernels``
 module is ever installed.
+
+* ``block_circulant_matmul``: ``a · (scale·C(w) + W0)ᵀ + b`` as one implicit GEMM (forward and input gradient);
+* ``block_circulant_kernel_grad``: ``∂w`` as one implicit Hankel GEMM, split over tokens;
+* ``block_circulant_linear``: the autograd.Function over both (what the ``triton`` backend calls);
+* ``triton_backend``: registers ``backend="triton"`` (imported by circtune.adapters; imports no Triton itself);
+* ``_tuning``: tile configurations, argument checks and the autotune cache.
+
+Nothing here is imported by ``import circtune`` except ``triton_backend``: Triton stays optional.
 """

@@ -24,6 +24,7 @@ class _BlockCirculantLinear(torch.autograd.Function):
                 bias: torch.Tensor | None, configs: tuple[TileConfig | None, TileConfig | None, TileConfig | None]):
         ctx.save_for_backward(x, w, weight)
         ctx.scale, ctx.configs = scale, configs
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return block_circulant_matmul(x, w, scale=scale, weight=weight, bias=bias, config=configs[0])
 
     @staticmethod
@@ -38,7 +39,7 @@ class _BlockCirculantLinear(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             dweight = (g.T.to(torch.float32) @ x.to(torch.float32)).to(weight.dtype)
         if ctx.needs_input_grad[4]:
-            dbias = g.sum(0, dtype=torch.float32 if g.dtype != torch.float64 else g.dtype).to(g.dtype)
+            dbias = g.sum(0, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32).to(ctx.bias_dtype)
         return dx, dw, None, dweight, dbias, None
 
 
@@ -49,11 +50,17 @@ def block_circulant_linear(x: torch.Tensor, w: torch.Tensor, *, scale: float = 1
     """``x · (scale·C(w) + weight)ᵀ + bias`` over the last axis of ``x [..., q_in·p]`` -> ``[..., q_out·p]``.
 
     ``w [q_out, q_in, p]``; ``weight`` (``[q_out·p, q_in·p]``) and ``bias`` optional. Output in ``x``'s dtype;
-    ``w``'s gradient in ``w``'s dtype. The three configs set the tiles of the three kernels (None: autotuned).
+    ``w``'s gradient in ``w``'s dtype; under autocast ``x``, ``weight`` and ``bias`` are cast to the autocast dtype
+    first, as ``F.linear`` would. The three configs set the tiles of the three kernels (None: autotuned).
     """
     if w.dim() != 3 or x.shape[-1] != w.shape[1] * w.shape[2]:
         raise ValueError(f"block_circulant_linear: kernel of shape {tuple(w.shape)} does not fit input of shape "
                          f"{tuple(x.shape)}: expected x[..., q_in * p] for w[q_out, q_in, p]")
+    if torch.is_autocast_enabled(x.device.type):
+        # As F.linear under autocast: the GEMM runs in the autocast dtype. (w stays as it is: its tile is generated
+        # in fp32 and rounded once, and its gradient comes back in w's dtype.)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias = (t.to(dtype) if t is not None else None for t in (x, weight, bias))
     lead = x.shape[:-1]
     configs = (forward_config, input_grad_config, kernel_grad_config)
     y = _BlockCirculantLinear.apply(x.reshape(-1, x.shape[-1]), w, float(scale), weight, bias, configs)

@@ -14,6 +14,28 @@ Declared range: ``1 <= p <= 256`` (any p in it, powers of two or not; fp32, bf16
 kernels are correct beyond it, but there the transform route is predicted to win: its mixing FLOPs fall as
 ``4·T·d_in·d_out/p`` while the implicit GEMM's stay ``2·T·d_in·d_out``, and the kernel gradient's row tile (16 at
 least) pads ``q_out = d_out/p`` rows, wasting MMA work once ``d_out/p < 16``.
+
+Why implicit GEMMs (route C of shared/kernels.md) rather than the DFT as a matmul, with numbers. H100, bf16 at
+≈ 800 TFLOP/s, ≈ 3 TB/s; T = 4096, d_in = d_out = 1024, p = 64. The frozen layer's own step is two GEMMs
+(forward, input gradient; its weight gradient is not needed): 2 × 8.6 GFLOP ≈ 22 µs.
+
+============================  ==========================================  ==========================================
+product                       implicit GEMM (this backend)                DFT as matmul (fused, not built)
+============================  ==========================================  ==========================================
+forward, input gradient       inside the base GEMMs: +0 FLOPs, + gathers  2·T·(d_in+d_out)·(p+2) + 4·T·d_in·d_out/p
+                              of w (cache-resident): predicted +0–2 µs    = 1.4 GFLOP ≈ 2 µs, but a separate pass
+                                                                          over x and Δz (16 MB ≈ 5 µs) each
+kernel gradient               2·T·d_in·d_out = 8.6 GFLOP ≈ 11 µs          1.4 GFLOP; reads g and x: ≈ 5–6 µs
+============================  ==========================================  ==========================================
+
+So for forward and input gradient the fused implicit GEMM is predicted to win at every p (its extra cost is the tile
+generation alone), and it is exact for any p with one code path. For the kernel gradient the DFT-as-matmul route
+does ``d / (2(p+2) + 2d/p)``× fewer FLOPs for a square layer (6× here; 2× at d = 1024, p = 256; 16× at d = 4096,
+p = 64) and, being memory-bound, is predicted ≈ 2× faster at this size, ≈ 7× at d = 4096, T = 16384, p = 64
+(≈ 0.1 ms against ≈ 0.7 ms): that kernel is the next one to write if the GPU measurements
+(benchmarks/bench_triton.py --kernels: ``kgrad`` against ``gTx-gemm``) show the kernel gradient dominating.
+Predicted step overhead of this backend: ≈ one base GEMM (+50 % over the frozen layer), against the torch route's
+≈ 50–100 µs of memory-bound passes at this size.
 """
 
 from __future__ import annotations

@@ -217,6 +217,20 @@ def test_layer_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
+def test_autocast_runs_the_gemm_in_the_autocast_dtype():
+    layer = _layer("c3a", 48, 24, 12)  # fp32 base and kernel, as a model under autocast keeps them
+    x = torch.randn(2, 9, 48, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        y = layer(x)
+        assert y.dtype == layer.base_layer(x).dtype == torch.float16, "the GEMM runs in fp16, as F.linear's does"
+    base = layer.base_layer
+    delta = c3a_delta_reference(layer.kernel.detach(), 48)
+    expected = x.detach().double() @ (base.weight.double() + delta).T + base.bias.double()
+    _close(y, expected, *DTYPES[1][1:], "autocast forward")
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.kernel.grad.dtype == torch.float32
+
+
 def test_triton_backend_agrees_with_torch_backend_and_merges():
     layer = _layer("c3a", 48, 96, 12)
     x = torch.randn(9, 48, device=DEVICE)

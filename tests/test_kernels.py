@@ -42,8 +42,8 @@ from circtune.kernels.triton_backend import MAX_BLOCK_SIZE  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # (q_out, q_in, p): odd p, non-square both ways, one block of p = 64 (wider than a tile), p = 24 (not a power of
-# two, straddles tiles), many tiny blocks.
-SHAPES = [(2, 3, 5), (3, 2, 16), (1, 1, 64), (4, 3, 24), (6, 5, 3)]
+# two, straddles tiles), many tiny blocks, p = 1 (a plain matrix).
+SHAPES = [(2, 3, 5), (3, 2, 16), (1, 1, 64), (4, 3, 24), (6, 5, 3), (5, 4, 1)]
 TOKENS = [7, 40]  # neither a multiple of the tile (16 or 32)
 # Tolerances relative to each tensor's largest reference value: fp16 rounds operands to 11 bits.
 DTYPES = [(torch.float32, 2e-6, 1e-5), (torch.float16, 4e-3, 1e-2)]
@@ -92,6 +92,12 @@ def _check_linear(w, x, weight, bias, scale, atol, rtol, **configs):
 def test_linear_matches_reference(shape, tokens, with_base, dtype, atol, rtol):
     w, x, weight, bias = _case(shape, tokens, dtype, with_base)
     _check_linear(w, x, weight, bias, 1.0 / x.shape[1], atol, rtol)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_one_block_wider_than_every_tile_not_a_power_of_two(dtype, atol, rtol):
+    w, x, weight, bias = _case((1, 1, 96), 33, dtype, True)
+    _check_linear(w, x, weight, bias, 1.0 / 96, atol, rtol)
 
 
 @pytest.mark.parametrize("config", [TileConfig(16, 16, 16), TileConfig(16, 64, 32), TileConfig(64, 16, 16)])

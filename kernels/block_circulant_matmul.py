@@ -96,7 +96,7 @@ def _block_circulant_matmul_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-# Candidates for the CUDA autotune, the usual GEMM shapes (the first is the default elsewhere).
+# Candidates the CUDA autotune times (the usual GEMM shapes); the fastest per problem key is cached.
 _CUDA_CONFIGS = (
     TileConfig(128, 128, 32, num_warps=4, num_stages=4),
     TileConfig(128, 128, 64, num_warps=8, num_stages=3),

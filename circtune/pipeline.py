@@ -9,6 +9,7 @@ dtype and command), ``peft/adapter_config.json`` when every picked layer is C3A,
 from __future__ import annotations
 
 import argparse
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -188,6 +189,8 @@ def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info,
     config.save(out / "adapter_config.json")
     if all(lc.method == "c3a" for lc in config.layers.values()):
         _write_peft(config, out / "peft")
+    elif (out / "peft").is_dir():  # a previous pick's PEFT config would contradict this one
+        shutil.rmtree(out / "peft")
     _write_report(out, args.plotlyjs)
     keys = ("total_params", "budget", "predicted_overhead_ms", "optimum_overhead_ms", "base_step_ms",
             "predicted_step_ms", "measured_step_ms", "predicted_mem_mb", "measured_mem_mb")

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from ._io import write_csv_atomic
 from .config import AdapterConfig
+from .measure.store import masked_url
 from .measure.timing import TimingSettings
 from .models import ModelInfo, build_model
 from .search import (
@@ -149,7 +151,7 @@ def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info,
     study = run_study(problem, storage=storage, study_name=name, n_trials=args.trials, seeds=seeds,
                       sampler=args.sampler, seed=args.seed, progress=not args.quiet)
     trials = trials_frame(problem, study)
-    trials.to_csv(out / "trials.csv", index=False, float_format="%.6g")
+    write_csv_atomic(trials, out / "trials.csv")
     top = ranked_assignments(problem, study, args.objective, args.top)
     if not top:  # cannot happen with the optimum enqueued, unless the study was made from other measurements
         top = pick_order([optimum], args.objective)
@@ -171,8 +173,7 @@ def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info,
     measured = {v.label: v for v in results if v.kind == "candidate"}
     index = choose(top, measured, args.objective) if results else 0
     pick, picked = top[index], measured.get(_label(index))
-    validation_frame(results, base, _label(index)).to_csv(out / "validation.csv", index=False,
-                                                             float_format="%.6g")
+    write_csv_atomic(validation_frame(results, base, _label(index)), out / "validation.csv")
     meta = {
         "model_spec": model.spec, "budget": budget, "min_fill": args.min_fill, "objective": args.objective,
         "total_params": pick.params, "predicted_overhead_ms": pick.step_ms,
@@ -183,7 +184,7 @@ def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info,
         "measured_mem_mb": picked.mem_mb if picked else None,
         "device": info.to_dict(), "tokens": settings.tokens, "batch_size": batch, "seq_len": seq_len,
         "dtype": dtype, "command": command,
-        "study": {"name": name, "storage": storage, "trials": len(study.trials), "sampler": args.sampler},
+        "study": {"name": name, "storage": masked_url(storage), "trials": len(study.trials), "sampler": args.sampler},
     }
     config = adapter_config(model, problem, pick, **meta)
     config.save(out / "adapter_config.json")

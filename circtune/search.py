@@ -49,6 +49,8 @@ def parse_budget(text: str | int) -> int:
         if not match:
             raise BudgetError(f"budget {text!r} is not a number of parameters; accepted: 100k, 1.5M, 250000")
         value = float(match.group(1)) * _SUFFIX[match.group(2)]
+        if not math.isfinite(value) or value > 1e15:
+            raise BudgetError(f"budget {text!r} is too large; accepted: up to 1e15 parameters (100k, 1.5M, 2G)")
         if value != int(value):
             raise BudgetError(f"budget {text!r} is not a whole number of parameters")
         value = int(value)

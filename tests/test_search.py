@@ -31,7 +31,7 @@ def test_parse_budget(text, value):
     assert parse_budget(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "abc", "10x", "-5", "0", "1.2345k"])
+@pytest.mark.parametrize("text", ["", "abc", "10x", "-5", "0", "1.2345k", "1e999", "100kk", "nan", "inf", "2e20"])
 def test_parse_budget_errors(text):
     with pytest.raises(BudgetError, match="budget"):
         parse_budget(text)

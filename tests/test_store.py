@@ -68,6 +68,15 @@ def test_bad_store_url_names_it():
         MeasurementStore("nosuchdialect://x")
 
 
+def test_credentials_are_masked():
+    from circtune.measure.store import masked_url
+
+    assert masked_url("postgresql://alice:s3cret@db.example:5432/runs") == "postgresql://alice:***@db.example:5432/runs"
+    with pytest.raises(ValueError) as e:
+        MeasurementStore("postgresql+nosuchdriver://alice:s3cret@127.0.0.1:1/runs")
+    assert "s3cret" not in str(e.value) and "alice:***@" in str(e.value)
+
+
 def test_storage_url():
     assert storage_url("postgresql://u@h/db") == "postgresql://u@h/db"
     assert storage_url("sqlite:///:memory:") == "sqlite:///:memory:"

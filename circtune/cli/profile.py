@@ -115,10 +115,17 @@ def prepare(args: argparse.Namespace, overrides: dict | None = None, lora_budget
     return model, space, info, settings, out, store, plans
 
 
+def masked_url(url: str) -> str:
+    from ..measure.store import masked_url as mask
+
+    return mask(url)
+
+
 def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget: int | None = None):
     """Profile as ``circtune profile`` does (``defaults`` override the device defaults) and write
     ``measurements.csv`` and ``profile.json`` into the output folder. Returns (model, info, settings, out, store
     url, plans, result, frame)."""
+    from .._io import write_csv_atomic, write_text_atomic
     from ..measure.profiler import run_profile
     from ..measure.store import to_frame
 
@@ -134,16 +141,16 @@ def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget:
         store.close()
     out.mkdir(parents=True, exist_ok=True)
     frame = to_frame(result.measurements, model.name, model.shapes)
-    frame.to_csv(out / "measurements.csv", index=False, float_format="%.6g")
+    write_csv_atomic(frame, out / "measurements.csv")
     summary = {
-        "model": model.to_dict(), "space": asdict(space), "device": info.to_dict(), "store": store.url,
+        "model": model.to_dict(), "space": asdict(space), "device": info.to_dict(), "store": masked_url(store.url),
         "tokens": settings.tokens, "dtypes": list(settings.dtypes), "timing": asdict(settings.timing),
         "command": command_line(),
         "measured": result.measured, "reused": result.reused, "failed": len(result.failed),
         "excluded": {f"{p.d_in}x{p.d_out}": [{"what": e.what, "reason": e.reason} for e in p.excluded]
                      for p in plans},
     }
-    (out / "profile.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(out / "profile.json", json.dumps(summary, indent=2, default=str) + "\n")
     return model, info, settings, out, store.url, plans, result, frame
 
 
@@ -158,5 +165,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"excluded for {p.d_in}x{p.d_out}: {e.what}: {e.reason}")
     print(f"{result.measured} measured, {result.reused} already in the store, {len(result.failed)} failed; "
           f"{time.perf_counter() - started:.1f} s. Wrote {out / 'measurements.csv'} and {out / 'profile.json'}; "
-          f"store: {store_url}")
+          f"store: {masked_url(store_url)}")
     return 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, create_engine, select
+from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, create_engine, make_url, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -183,6 +183,14 @@ def storage_url(spec: str | os.PathLike) -> str:
     return f"sqlite:///{path}"
 
 
+def masked_url(url: str) -> str:
+    """The URL with its password replaced by ``***``, for messages, logs and output files."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: say nothing that might be a secret
+        return "<unparsable storage URL>"
+
+
 class MeasurementStore:
     """Measurements and device fingerprints in one SQL database (created on first use)."""
 
@@ -192,7 +200,10 @@ class MeasurementStore:
             self.engine = create_engine(self.url)
             _Base.metadata.create_all(self.engine)
         except Exception as e:  # a bad URL, a missing driver, an unreachable server: say which store
-            raise ValueError(f"cannot open the measurement store {self.url}: {e}") from e
+            detail = str(e).replace(self.url, masked_url(self.url)).splitlines()[0]
+            if isinstance(e, ModuleNotFoundError) and "psycopg" in str(e):
+                detail += " (PostgreSQL needs the driver: pip install 'circtune[postgres]')"
+            raise ValueError(f"cannot open the measurement store {masked_url(self.url)}: {detail}") from None
 
     def register_device(self, fingerprint: str, name: str, info: Mapping) -> None:
         with Session(self.engine) as s, s.begin():

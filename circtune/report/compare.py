@@ -18,6 +18,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from .._io import write_text_atomic
 from .data import RunFolder, layer_candidate, layer_shapes, load_folder, num, ok_table, run_frame
 from .render import esc, figure, note, page, table
 
@@ -249,5 +250,5 @@ def write_compare(folders: Sequence[str | Path], out: str | Path, plotlyjs: str 
     text = render_compare_html(build_compare_data(folders, allow_different=allow_different), plotlyjs)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)
     return path

@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
+from .._io import write_text_atomic
 from .data import report_data
 
 PLOTLYJS = ("inline", "cdn")
@@ -443,9 +444,4 @@ def write_report(folder: str | Path, out: str | Path | None = None, plotlyjs: st
     if plotlyjs not in PLOTLYJS:
         raise ValueError(f"plotlyjs: {plotlyjs!r} is not a mode; accepted: {', '.join(PLOTLYJS)}")
     text = render_html(report_data(folder), plotlyjs)
-    path = Path(out) if out is not None else Path(folder) / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(Path(out) if out is not None else Path(folder) / "report.html", text)

@@ -61,6 +61,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA ranks to measure besides the ones matching each candidate's parameter count")
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT C3A baseline")
     p.add_argument("--retry-failed", action="store_true", help="measure failed rows of the store again")
+    p.add_argument("--claim-timeout", type=float, default=900.0, metavar="SECONDS",
+                   help="with several workers on one store: take over a job another worker claimed this long ago "
+                        "without storing it (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -136,7 +139,8 @@ def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget:
           f"{f' ({torch.get_num_threads()} threads)' if info.kind == 'cpu' else ''}; "
           f"{settings.tokens} tokens, {', '.join(settings.dtypes)}; space: {space.source}", file=sys.stderr)
     try:
-        result = run_profile(plans, settings, store, info, retry_failed=args.retry_failed, progress=not args.quiet)
+        result = run_profile(plans, settings, store, info, retry_failed=args.retry_failed, progress=not args.quiet,
+                             claim_timeout_s=args.claim_timeout)
     finally:
         store.close()
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,9 @@ every result is committed to the store at once, and keys the store already holds
 from __future__ import annotations
 
 import gc
+import os
+import socket
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -159,12 +162,18 @@ def measure_job(job: Job, settings: ProfileSettings, key: MeasurementKey, device
 
 def run_profile(plans: Sequence[ShapePlan], settings: ProfileSettings, store: MeasurementStore, device_info, *,
                 retry_failed: bool = False, progress: bool = True,
-                build: Callable[[Candidate, nn.Linear], nn.Module] = build_module) -> ProfileResult:
+                build: Callable[[Candidate, nn.Linear], nn.Module] = build_module,
+                worker: str | None = None, claim_timeout_s: float = 900.0, poll_s: float = 1.0) -> ProfileResult:
     """Measure every job of ``plans`` that ``store`` does not hold yet (and, with ``retry_failed``, the failed
-    ones again). ``device_info`` is a :class:`~circtune.measure.device.DeviceInfo` of ``settings.device``."""
+    ones again). ``device_info`` is a :class:`~circtune.measure.device.DeviceInfo` of ``settings.device``.
+
+    Several workers may share one store: each job is claimed atomically before it is measured (see
+    :meth:`MeasurementStore.claim`), so no job is measured twice; jobs claimed by another worker are waited for,
+    and taken over if their claim is older than ``claim_timeout_s`` (that worker died)."""
     from tqdm.auto import tqdm
 
     sw = device_info.software
+    worker = worker or f"{socket.gethostname()}:{os.getpid()}"
     store.register_device(device_info.fingerprint, device_info.name, device_info.to_dict())
     result = ProfileResult()
     rows: list[Measurement | None] = []
@@ -177,17 +186,44 @@ def run_profile(plans: Sequence[ShapePlan], settings: ProfileSettings, store: Me
             result.reused += 1
             rows.append(stored)
         else:
-            todo.append((len(rows), job, key, stored))
+            todo.append((len(rows), job, key, stored is not None))
             rows.append(None)
-    bar = tqdm(todo, desc="profiling", unit="config", disable=not progress or not todo, dynamic_ncols=True)
-    for index, job, key, stored in bar:
-        bar.set_postfix_str(f"{job.d_in}x{job.d_out} {job.dtype} {job.candidate.label}", refresh=False)
-        m = measure_job(job, settings, key, device_info.name, build)
-        if stored is not None:
-            store.delete(key)
-        if not store.add(m):  # another worker stored this key first: keep theirs
-            m = store.get(key) or m
-        rows[index] = m
-        result.measured += 1
+    bar = tqdm(total=len(todo), desc="profiling", unit="config", disable=not progress or not todo,
+               dynamic_ncols=True)
+    while todo:
+        waiting = []
+        for index, job, key, retry in todo:
+            stored = store.get(key)
+            if stored is not None and not retry:  # another worker measured it meanwhile
+                rows[index] = stored
+                result.reused += 1
+                bar.update()
+                continue
+            if not store.claim(key, worker, claim_timeout_s):
+                waiting.append((index, job, key, retry))
+                continue
+            stored = None if retry else store.get(key)
+            if stored is not None:  # stored and released between our look and our claim
+                store.release(key)
+                rows[index] = stored
+                result.reused += 1
+                bar.update()
+                continue
+            try:
+                bar.set_postfix_str(f"{job.d_in}x{job.d_out} {job.dtype} {job.candidate.label}", refresh=False)
+                m = measure_job(job, settings, key, device_info.name, build)
+                if retry:
+                    store.delete(key)
+                if not store.add(m):  # stored by another worker after all: keep theirs
+                    m = store.get(key) or m
+            finally:
+                store.release(key)
+            rows[index] = m
+            result.measured += 1
+            bar.update()
+        if waiting and len(waiting) == len(todo):
+            time.sleep(poll_s)  # every remaining job is being measured elsewhere
+        todo = [(i, j, k, False) for i, j, k, _ in waiting]
+    bar.close()
     result.measurements = [m for m in rows if m is not None]
     return result

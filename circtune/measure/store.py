@@ -13,14 +13,16 @@ of :data:`CSV_COLUMNS`.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, create_engine, make_url, select
+from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, create_engine, delete, make_url, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -93,6 +95,15 @@ class _DeviceRow(_Base):
     info: Mapped[str] = mapped_column(Text)  # JSON of DeviceInfo.to_dict()
 
 
+class _ClaimRow(_Base):
+    """A worker's claim on a key it is measuring: the primary key makes claiming atomic on every database."""
+
+    __tablename__ = "circtune_claims"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    worker: Mapped[str] = mapped_column(String(200))
+    claimed_at: Mapped[float] = mapped_column(Float)
+
+
 _KEY_COLUMNS = ("device_fingerprint", "torch_version", "triton_version", "circtune_version", "d_in", "d_out",
                 "tokens", "dtype", "method", "block_size", "factors", "transform", "backend")
 
@@ -147,6 +158,10 @@ def _key_values(key: MeasurementKey) -> dict:
             "backend": c.backend or ""}
 
 
+def _digest(key: MeasurementKey) -> str:
+    return hashlib.sha256(json.dumps(_key_values(key), sort_keys=True).encode()).hexdigest()
+
+
 def _spread(row: _MeasurementRow, name: str) -> Spread | None:
     med = getattr(row, name)
     return None if med is None else Spread(getattr(row, f"{name}_p25"), med, getattr(row, f"{name}_p75"))
@@ -197,7 +212,9 @@ class MeasurementStore:
     def __init__(self, url: str | os.PathLike):
         self.url = storage_url(url)
         try:
-            self.engine = create_engine(self.url)
+            # SQLite: writers from several processes wait for each other's short transactions instead of failing.
+            kwargs = {"connect_args": {"timeout": 60}} if self.url.startswith("sqlite") else {}
+            self.engine = create_engine(self.url, **kwargs)
             _Base.metadata.create_all(self.engine)
         except Exception as e:  # a bad URL, a missing driver, an unreachable server: say which store
             detail = str(e).replace(self.url, masked_url(self.url)).splitlines()[0]
@@ -258,6 +275,35 @@ class MeasurementStore:
             wanted = set(shapes)
             rows = [m for m in rows if (m.key.d_in, m.key.d_out) in wanted]
         return rows
+
+    def claim(self, key: MeasurementKey, worker: str, timeout_s: float = 900.0) -> bool:
+        """Atomically take ``key`` for ``worker``: True if this worker may measure it now. A claim older than
+        ``timeout_s`` (its worker died) is taken over with a compare-and-set on its timestamp, so two workers
+        never both win it."""
+        digest = _digest(key)
+        now = time.time()
+        try:
+            with Session(self.engine) as s, s.begin():
+                s.add(_ClaimRow(key=digest, worker=worker, claimed_at=now))
+            return True
+        except IntegrityError:
+            pass
+        with Session(self.engine) as s, s.begin():
+            row = s.get(_ClaimRow, digest)
+            if row is None:  # released in between: try again from the top
+                return self.claim(key, worker, timeout_s)
+            if row.worker == worker:
+                return True
+            if now - row.claimed_at < timeout_s:
+                return False
+            taken = s.execute(update(_ClaimRow).where(_ClaimRow.key == digest,
+                                                      _ClaimRow.claimed_at == row.claimed_at)
+                              .values(worker=worker, claimed_at=now))
+            return taken.rowcount == 1
+
+    def release(self, key: MeasurementKey) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.execute(delete(_ClaimRow).where(_ClaimRow.key == _digest(key)))
 
     def close(self) -> None:
         self.engine.dispose()

@@ -64,7 +64,9 @@ def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
     time.sleep(0.05)
     assert store.claim(key, "other", timeout_s=0.01)  # "alive" stopped answering: taken over
     assert not store.claim(key, "alive", timeout_s=60)
-    store.release(key)
+    store.release(key, "alive")  # not its claim any more: left alone
+    assert not store.claim(key, "third", timeout_s=60)
+    store.release(key, "other")
     assert store.claim(key, "third", timeout_s=60)
 
 
@@ -83,3 +85,91 @@ def test_a_dead_workers_job_is_measured_after_its_claim_times_out(tmp_path):
     time.sleep(0.3)
     result = run_profile(plans, _settings(), store, info, progress=False, claim_timeout_s=0.2, poll_s=0.05)
     assert result.measured == len(jobs_for(plans, ("fp32",))) and not result.failed
+
+
+def test_a_claim_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    store = MeasurementStore(tmp_path / "m.db")
+    key = MeasurementKey("fp", "t", "", "c", 64, 64, 16, "fp32", Candidate("c3a", 16, None, "rfft", "torch"))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = f"{socket.gethostname()}:{int(gone.stdout)}"
+    alive = f"{socket.gethostname()}:{__import__('os').getpid()}"
+    assert store.claim(key, dead)
+    assert store.claim(key, "somebody-else:1")  # the dead process's claim does not wait for the timeout
+    store.release(key, "somebody-else:1")
+    assert store.claim(key, alive)
+    assert not store.claim(key, "somebody-else:1")  # a live process's claim is respected
+
+
+def _profile_cmd(out, store):
+    return ["profile", "--model", "tiny_models:two_shapes", "--targets", "up,square", "--space", "default",
+            "--tokens", "64", "--warmup", "0", "--min-reps", "3", "--max-reps", "3", "--min-time", "0",
+            "--no-peft", "--quiet", "--out", str(out), "--store", str(store)]
+
+
+def _rows(store_path) -> int:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(store_path, timeout=30) as con:
+            return con.execute("select count(*) from circtune_measurements").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def test_sigkill_mid_profile_then_rerun_loses_and_duplicates_nothing(tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from circtune.cli.main import main
+
+    store = tmp_path / "m.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(["tests", os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "circtune.cli.main", *_profile_cmd(tmp_path / "out", store)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _rows(store) < 5 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = _rows(store)
+    assert kept >= 5
+    assert main(_profile_cmd(tmp_path / "out", store)) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    total = _rows(store)
+    measured, reused = (int(summary.split(" measured, ")[0]), int(summary.split(", ")[1].split(" already")[0]))
+    assert reused == kept and measured == total - kept  # nothing lost, nothing measured twice
+    import pandas as pd
+
+    frame = pd.read_csv(tmp_path / "out" / "measurements.csv")
+    assert len(frame) == total and not frame.duplicated(["d_in", "d_out", "method", "block_size", "factors",
+                                                         "transform", "backend"]).any()
+
+
+def test_sigterm_stops_cleanly_with_a_summary(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    store = tmp_path / "m.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(["tests", os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "circtune.cli.main", *_profile_cmd(tmp_path / "out", store)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while _rows(store) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted; everything measured or tried so far is kept in the store" in err
+    assert "Traceback" not in err
+    import sqlite3
+
+    with sqlite3.connect(store) as con:  # the claim of the job in flight was released
+        assert con.execute("select count(*) from circtune_claims").fetchone()[0] == 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 
@@ -33,7 +35,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, parsers
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: claims released, nothing stored is touched
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     parser, parsers = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -53,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parsers[args.command].print_usage(sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"circtune {args.command}: interrupted", file=sys.stderr)
+        print(f"circtune {args.command}: interrupted; everything measured or tried so far is kept in the store, "
+              "and re-running the same command continues from there", file=sys.stderr)
         return 130
 
 

@@ -199,17 +199,21 @@ def run_profile(plans: Sequence[ShapePlan], settings: ProfileSettings, store: Me
                 result.reused += 1
                 bar.update()
                 continue
-            if not store.claim(key, worker, claim_timeout_s):
+            try:
+                claimed = store.claim(key, worker, claim_timeout_s)
+            except BaseException:  # interrupted while claiming: do not leave a claim behind
+                store.release(key, worker)
+                raise
+            if not claimed:
                 waiting.append((index, job, key, retry))
                 continue
-            stored = None if retry else store.get(key)
-            if stored is not None:  # stored and released between our look and our claim
-                store.release(key)
-                rows[index] = stored
-                result.reused += 1
-                bar.update()
-                continue
             try:
+                stored = None if retry else store.get(key)
+                if stored is not None:  # stored and released between our look and our claim
+                    rows[index] = stored
+                    result.reused += 1
+                    bar.update()
+                    continue
                 bar.set_postfix_str(f"{job.d_in}x{job.d_out} {job.dtype} {job.candidate.label}", refresh=False)
                 m = measure_job(job, settings, key, device_info.name, build)
                 if retry:
@@ -217,7 +221,7 @@ def run_profile(plans: Sequence[ShapePlan], settings: ProfileSettings, store: Me
                 if not store.add(m):  # stored by another worker after all: keep theirs
                     m = store.get(key) or m
             finally:
-                store.release(key)
+                store.release(key, worker)
             rows[index] = m
             result.measured += 1
             bar.update()

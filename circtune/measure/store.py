@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import json
 import os
+import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -158,6 +159,21 @@ def _key_values(key: MeasurementKey) -> dict:
             "backend": c.backend or ""}
 
 
+def _dead_local_worker(worker: str) -> bool:
+    """True for a ``host:pid`` worker on this host whose process is gone (a killed run being re-run): its claim
+    need not wait for the timeout."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def _digest(key: MeasurementKey) -> str:
     return hashlib.sha256(json.dumps(_key_values(key), sort_keys=True).encode()).hexdigest()
 
@@ -294,16 +310,17 @@ class MeasurementStore:
                 return self.claim(key, worker, timeout_s)
             if row.worker == worker:
                 return True
-            if now - row.claimed_at < timeout_s:
+            if now - row.claimed_at < timeout_s and not _dead_local_worker(row.worker):
                 return False
             taken = s.execute(update(_ClaimRow).where(_ClaimRow.key == digest,
                                                       _ClaimRow.claimed_at == row.claimed_at)
                               .values(worker=worker, claimed_at=now))
             return taken.rowcount == 1
 
-    def release(self, key: MeasurementKey) -> None:
+    def release(self, key: MeasurementKey, worker: str) -> None:
+        """Drop ``worker``'s claim on ``key`` (a claim another worker has taken over is left alone)."""
         with Session(self.engine) as s, s.begin():
-            s.execute(delete(_ClaimRow).where(_ClaimRow.key == _digest(key)))
+            s.execute(delete(_ClaimRow).where(_ClaimRow.key == _digest(key), _ClaimRow.worker == worker))
 
     def close(self) -> None:
         self.engine.dispose()

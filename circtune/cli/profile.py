@@ -19,6 +19,32 @@ CPU_DEFAULTS = {"tokens": 512, "warmup": 2, "min_reps": 15, "max_reps": 60, "min
 GPU_DEFAULTS = {"tokens": 4096, "warmup": 10, "min_reps": 30, "max_reps": 300, "min_time": 0.5}
 
 
+def check_output_folder(out: Path, spec: str, *, force: bool, **expected) -> None:
+    """Refuse an output folder that holds another run (another model, or for ``expected`` keys of
+    adapter_config.json, e.g. another budget) unless ``force``: its files would be overwritten. The same command
+    on its own folder is a resume."""
+    from .main import UsageError
+
+    if force:
+        return
+    found = {}
+    try:
+        if (out / "profile.json").is_file():
+            found["model"] = json.loads((out / "profile.json").read_text()).get("model", {}).get("spec")
+        if expected and (out / "adapter_config.json").is_file():
+            config = json.loads((out / "adapter_config.json").read_text())
+            found.update({k: config.get(k) for k in expected})
+    except (OSError, ValueError, AttributeError) as e:
+        raise UsageError(f"output folder {out} holds unreadable run files ({e}); use another --out or --force") \
+            from None
+    wanted = {"model": spec, **expected}
+    clash = [f"{k} {found[k]!r} (this run: {wanted[k]!r})" for k in found if found[k] is not None
+             and found[k] != wanted[k]]
+    if clash:
+        raise UsageError(f"output folder {out} holds a run of another {', '.join(clash)}; use another --out, or "
+                         "--force to overwrite its files")
+
+
 def command_line() -> str | None:
     """The command as typed, when run from the ``circtune`` script."""
     return "circtune " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("circtune") else None
@@ -65,6 +91,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="with several workers on one store: take over a job another worker claimed this long ago "
                         "without storing it (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="write into an output folder that holds a run of another model (or budget)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,7 +107,8 @@ def _check(name: str, value: int | float | None, least: int = 1) -> None:
         raise UsageError(f"{name} must be {'positive' if least else 'zero or more'}, got {value}")
 
 
-def prepare(args: argparse.Namespace, overrides: dict | None = None, lora_budget: int | None = None):
+def prepare(args: argparse.Namespace, overrides: dict | None = None, lora_budget: int | None = None,
+            expected: dict | None = None):
     """Resolve the model, space, device, settings, output folder and store from the arguments."""
     from ..measure.device import describe_device
     from ..measure.profiler import ProfileSettings, plan_shapes
@@ -110,6 +139,7 @@ def prepare(args: argparse.Namespace, overrides: dict | None = None, lora_budget
         raise UsageError(f"--min-reps {timing.min_reps} is larger than --max-reps {timing.max_reps}")
     settings = ProfileSettings(tokens=tokens, dtypes=dtypes, device=device, timing=timing)
     out = Path(args.out) if args.out else Path("reports") / f"{model.name}-{info.label}"
+    check_output_folder(out, model.spec, force=args.force, **(expected or {}))
     store = MeasurementStore(args.store or out / "circtune.db")
     ranks = list(args.lora_ranks)
     if lora_budget is not None:  # the search's LoRA baseline: the rank that spends the budget on every target
@@ -124,7 +154,8 @@ def masked_url(url: str) -> str:
     return mask(url)
 
 
-def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget: int | None = None):
+def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget: int | None = None,
+            expected: dict | None = None):
     """Profile as ``circtune profile`` does (``defaults`` override the device defaults) and write
     ``measurements.csv`` and ``profile.json`` into the output folder. Returns (model, info, settings, out, store
     url, plans, result, frame)."""
@@ -132,7 +163,7 @@ def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget:
     from ..measure.profiler import run_profile
     from ..measure.store import to_frame
 
-    model, space, info, settings, out, store, plans = prepare(args, defaults, lora_budget)
+    model, space, info, settings, out, store, plans = prepare(args, defaults, lora_budget, expected)
     n_cand = sum(len(p.candidates) + len(p.baselines) for p in plans) * len(settings.dtypes)
     print(f"profiling {model.name}: {len(model.targets)} target layers, {len(plans)} unique shapes, "
           f"{n_cand} configurations (candidates + baselines) on {info.name}"

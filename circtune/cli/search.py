@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     args.dtype = dtype
     from .profile import profile
 
-    model, info, settings, out, store_url, plans, result, frame = profile(args, {"tokens": batch * seq_len}, budget)
+    model, info, settings, out, store_url, plans, result, frame = profile(args, {"tokens": batch * seq_len}, budget,
+                                                                             {"budget": budget})
     from ..pipeline import run_search
 
     summary = run_search(args, budget=budget, model=model, info=info, settings=settings, out=out,

@@ -1,0 +1,79 @@
+"""Several profile workers on one real PostgreSQL database (a throw-away server on loopback, started here).
+
+Debian's PostgreSQL server binaries are used from /usr/lib/postgresql/*/bin; the server runs as the ``postgres``
+user when the tests run as root (initdb refuses root), in a fresh data folder, on a free port, and is stopped at
+the end. Skipped, with the reason, only when no server binaries or no psycopg driver can be found.
+"""
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+from test_workers import _plans, _worker
+
+
+def _bindir() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return os.path.dirname(found[-1]) if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    pytest.importorskip("psycopg", reason="PostgreSQL driver not installed (pip install 'circtune[postgres]')")
+    bindir = _bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries in /usr/lib/postgresql (apt-get install postgresql)")
+    data = tempfile.mkdtemp(prefix="circtune-pg-", dir="/tmp")
+    as_user = []
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
+    run(f"{bindir}/initdb", "-D", f"{data}/db", "-A", "trust", "-U", "circtune")
+    run(f"{bindir}/pg_ctl", "-D", f"{data}/db", "-l", f"{data}/log", "-w", "-o",
+        f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")
+    try:
+        run(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "circtune", "circtune")
+        yield f"postgresql://circtune@127.0.0.1:{port}/circtune"
+    finally:
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", f"{data}/db", "-m", "fast", "stop"],
+                       capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_profile_workers_on_postgres_measure_every_job_once(postgres_url):
+    import multiprocessing as mp
+
+    from circtune.measure.profiler import jobs_for
+    from circtune.measure.store import MeasurementStore
+
+    MeasurementStore(postgres_url).close()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    started = time.perf_counter()
+    procs = [ctx.Process(target=_worker, args=(postgres_url, f"pg{i}", queue)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    elapsed = time.perf_counter() - started
+    results = sorted(queue.get(timeout=5) for _ in procs)
+    n_jobs = len(jobs_for(_plans(), ("fp32",)))
+    assert sum(r[1] for r in results) == n_jobs, results  # no job measured twice, none skipped
+    assert all(r[3] == n_jobs for r in results)
+    store = MeasurementStore(postgres_url)
+    assert len(store.query()) == n_jobs
+    print(f"two workers on PostgreSQL: {n_jobs} jobs, measured {[r[1] for r in results]}, {elapsed:.1f} s")

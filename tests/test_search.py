@@ -187,3 +187,34 @@ def test_search_budget_errors(tmp_path, capsys, budget, message):
                  "--no-validate", "--out", str(tmp_path / "out")])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def _search_worker(storage, name, n, queue):
+    problem = build_problem(LAYERS, _table(), 3000, 0.9)
+    best = exact_optimum(problem)
+    study = run_study(problem, storage=storage, study_name="shared", n_trials=n, seeds=[best], progress=False,
+                      seed=hash(name) % 1000)
+    queue.put((name, ranked_assignments(problem, study, "latency", 1)[0].choice))
+
+
+def test_two_search_workers_share_one_study(tmp_path):
+    import multiprocessing as mp
+
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="shared", storage=storage, directions=["minimize", "minimize"])
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_search_worker, args=(storage, f"w{i}", 15, queue)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    picks = [queue.get(timeout=5)[1] for _ in procs]
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert len(study.trials) == 30  # the trial counts add up
+    problem = build_problem(LAYERS, _table(), 3000, 0.9)
+    single = exact_optimum(problem)
+    assert all(problem.totals(p)[1] == pytest.approx(single.step_ms) for p in picks)  # the single-worker pick

@@ -10,6 +10,7 @@ import traceback
 from collections.abc import Sequence
 
 from .. import __version__
+from .._signals import interrupt
 from . import compare, demo, devices, models, profile, report, search
 
 # Each subcommand module provides NAME, HELP, add_arguments(parser) and run(args) -> int.
@@ -35,13 +36,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, parsers
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: claims released, nothing stored is touched
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        # SIGTERM stops like Ctrl-C; both wait for a database write in progress to finish.
+        signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
     parser, parsers = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

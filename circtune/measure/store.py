@@ -27,6 +27,7 @@ from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, create_en
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from .._signals import deferred_interrupts
 from ..space import Candidate
 from .timing import Spread
 
@@ -261,14 +262,14 @@ class MeasurementStore:
         """Commit one measurement; False (and nothing changed) if its key is already there, e.g. from another
         worker that measured it first."""
         try:
-            with Session(self.engine) as s, s.begin():
+            with deferred_interrupts(), Session(self.engine) as s, s.begin():
                 s.add(_to_row(m))
         except IntegrityError:
             return False
         return True
 
     def delete(self, key: MeasurementKey) -> None:
-        with Session(self.engine) as s, s.begin():
+        with deferred_interrupts(), Session(self.engine) as s, s.begin():
             for row in s.scalars(self._select(key)).all():
                 s.delete(row)
 
@@ -296,6 +297,10 @@ class MeasurementStore:
         """Atomically take ``key`` for ``worker``: True if this worker may measure it now. A claim older than
         ``timeout_s`` (its worker died) is taken over with a compare-and-set on its timestamp, so two workers
         never both win it."""
+        with deferred_interrupts():
+            return self._claim(key, worker, timeout_s)
+
+    def _claim(self, key: MeasurementKey, worker: str, timeout_s: float) -> bool:
         digest = _digest(key)
         now = time.time()
         try:
@@ -307,7 +312,7 @@ class MeasurementStore:
         with Session(self.engine) as s, s.begin():
             row = s.get(_ClaimRow, digest)
             if row is None:  # released in between: try again from the top
-                return self.claim(key, worker, timeout_s)
+                return self._claim(key, worker, timeout_s)
             if row.worker == worker:
                 return True
             if now - row.claimed_at < timeout_s and not _dead_local_worker(row.worker):
@@ -319,7 +324,7 @@ class MeasurementStore:
 
     def release(self, key: MeasurementKey, worker: str) -> None:
         """Drop ``worker``'s claim on ``key`` (a claim another worker has taken over is left alone)."""
-        with Session(self.engine) as s, s.begin():
+        with deferred_interrupts(), Session(self.engine) as s, s.begin():
             s.execute(delete(_ClaimRow).where(_ClaimRow.key == _digest(key), _ClaimRow.worker == worker))
 
     def close(self) -> None:

@@ -191,3 +191,15 @@ def test_memory_stays_flat_over_hundreds_of_candidates(tmp_path):
         marks.append(rss_mb())
     # The first round fills one-off caches (imports, FFT plans, allocator pools); after it, no growth.
     assert marks[2] - marks[0] < 25, marks
+
+
+def test_isolated_measurement_survives_a_crashing_candidate(setup):
+    from tiny_models import crashing_build
+
+    model, plans, settings, store, info = setup
+    plan = [p for p in plans if p.shape == (64, 64)]
+    result = run_profile(plan, settings, store, info, progress=False, build=crashing_build, isolate=True)
+    status = {m.key.candidate.label: m.status for m in result.measurements}
+    assert status["c3a p=16 dense"] == "crashed: the measuring child process died"
+    others = [s for label, s in status.items() if label != "c3a p=16 dense"]
+    assert others and set(others) == {"ok"}  # a fresh child measured everything after the crash

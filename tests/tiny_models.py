@@ -15,3 +15,14 @@ class TwoShapes(nn.Module):
 
 def two_shapes() -> nn.Module:
     return TwoShapes()
+
+
+def crashing_build(candidate, base):
+    """A module-level (picklable) builder for --isolate tests: kills its process on one candidate."""
+    import os
+
+    from circtune.measure.baselines import build_module
+
+    if candidate.method == "c3a" and candidate.block_size == 16 and candidate.backend == "dense":
+        os._exit(3)  # as a segfault or a poisoned CUDA context would end the process
+    return build_module(candidate, base)

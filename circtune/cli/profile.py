@@ -91,6 +91,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="with several workers on one store: take over a job another worker claimed this long ago "
                         "without storing it (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--isolate", action="store_true",
+                   help="measure each configuration in a child process, so a crash (e.g. a broken CUDA context) "
+                        "is recorded as a failure and the run goes on")
     p.add_argument("--force", action="store_true",
                    help="write into an output folder that holds a run of another model (or budget)")
 
@@ -171,7 +174,7 @@ def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget:
           f"{settings.tokens} tokens, {', '.join(settings.dtypes)}; space: {space.source}", file=sys.stderr)
     try:
         result = run_profile(plans, settings, store, info, retry_failed=args.retry_failed, progress=not args.quiet,
-                             claim_timeout_s=args.claim_timeout)
+                             claim_timeout_s=args.claim_timeout, isolate=args.isolate)
     finally:
         store.close()
     out.mkdir(parents=True, exist_ok=True)

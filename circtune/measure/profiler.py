@@ -160,16 +160,55 @@ def measure_job(job: Job, settings: ProfileSettings, key: MeasurementKey, device
             torch.cuda.empty_cache()
 
 
+def _init_child(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+class IsolatedMeasurer:
+    """Measures each job in a child process, so that a crash (a poisoned CUDA context, a segfault in a kernel)
+    takes down only the child: the job is recorded as crashed and a fresh child measures the next one."""
+
+    def __init__(self):
+        self._pool = None
+
+    def _executor(self):
+        if self._pool is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
+                                             initializer=_init_child, initargs=(torch.get_num_threads(),))
+        return self._pool
+
+    def __call__(self, job: Job, settings: ProfileSettings, key: MeasurementKey, device_name: str,
+                 build: Callable[[Candidate, nn.Linear], nn.Module]) -> Measurement:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self._executor().submit(measure_job, job, settings, key, device_name, build).result()
+        except BrokenProcessPool:
+            self.close()
+            return Measurement(key, "crashed: the measuring child process died", device_name,
+                               job.candidate.params(job.d_in, job.d_out))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
 def run_profile(plans: Sequence[ShapePlan], settings: ProfileSettings, store: MeasurementStore, device_info, *,
                 retry_failed: bool = False, progress: bool = True,
                 build: Callable[[Candidate, nn.Linear], nn.Module] = build_module,
-                worker: str | None = None, claim_timeout_s: float = 900.0, poll_s: float = 1.0) -> ProfileResult:
+                worker: str | None = None, claim_timeout_s: float = 900.0, poll_s: float = 1.0,
+                isolate: bool = False) -> ProfileResult:
     """Measure every job of ``plans`` that ``store`` does not hold yet (and, with ``retry_failed``, the failed
     ones again). ``device_info`` is a :class:`~circtune.measure.device.DeviceInfo` of ``settings.device``.
 
     Several workers may share one store: each job is claimed atomically before it is measured (see
     :meth:`MeasurementStore.claim`), so no job is measured twice; jobs claimed by another worker are waited for,
-    and taken over if their claim is older than ``claim_timeout_s`` (that worker died)."""
+    and taken over if their claim is older than ``claim_timeout_s`` (that worker died). With ``isolate``, each job
+    is measured in a child process (:class:`IsolatedMeasurer`); ``build`` must then be picklable."""
     from tqdm.auto import tqdm
 
     sw = device_info.software
@@ -190,6 +229,20 @@ def run_profile(plans: Sequence[ShapePlan], settings: ProfileSettings, store: Me
             rows.append(None)
     bar = tqdm(total=len(todo), desc="profiling", unit="config", disable=not progress or not todo,
                dynamic_ncols=True)
+    measure = IsolatedMeasurer() if isolate else measure_job
+    try:
+        _measure_all(todo, rows, result, store, settings, device_info, build, worker, claim_timeout_s, poll_s,
+                     bar, measure)
+    finally:
+        bar.close()
+        if isolate:
+            measure.close()
+    result.measurements = [m for m in rows if m is not None]
+    return result
+
+
+def _measure_all(todo, rows, result, store, settings, device_info, build, worker, claim_timeout_s, poll_s, bar,
+                 measure) -> None:
     while todo:
         waiting = []
         for index, job, key, retry in todo:
@@ -215,7 +268,7 @@ def run_profile(plans: Sequence[ShapePlan], settings: ProfileSettings, store: Me
                     bar.update()
                     continue
                 bar.set_postfix_str(f"{job.d_in}x{job.d_out} {job.dtype} {job.candidate.label}", refresh=False)
-                m = measure_job(job, settings, key, device_info.name, build)
+                m = measure(job, settings, key, device_info.name, build)
                 if retry:
                     store.delete(key)
                 if not store.add(m):  # stored by another worker after all: keep theirs
@@ -228,6 +281,3 @@ def run_profile(plans: Sequence[ShapePlan], settings: ProfileSettings, store: Me
         if waiting and len(waiting) == len(todo):
             time.sleep(poll_s)  # every remaining job is being measured elsewhere
         todo = [(i, j, k, False) for i, j, k, _ in waiting]
-    bar.close()
-    result.measurements = [m for m in rows if m is not None]
-    return result

@@ -81,16 +81,9 @@ def baseline_plans(model: ModelInfo, problem: Problem, frame: pd.DataFrame, budg
         pred = _baseline_prediction(frame, model, "peft-c3a", block_size=p)
         if not frame[frame.method == "peft-c3a"].empty:
             plans.append(baseline_plan(f"PEFT C3A p={p}", peft, uniform.params, *(pred or (None, None))))
-        config = adapter_config(model, problem, uniform)
-        plans.append(Plan(f"uniform c3a p={p}", "baseline", lambda m, c=config: _apply(m, c), uniform.params,
-                          uniform.step_ms, uniform.mem_mb))
+        plans.append(candidate_plan(f"uniform c3a p={p}", adapter_config(model, problem, uniform), uniform.params,
+                                    uniform.step_ms, uniform.mem_mb, kind="baseline"))
     return plans
-
-
-def _apply(model, config):
-    from .adapters.inject import apply_adapter
-
-    apply_adapter(model, config)
 
 
 def choose(top: Sequence[Assignment], measured: dict[str, Validation], objective: str) -> int:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters.inject import _set_submodule, adapter_layers, apply_adapter
-from .config import AdapterConfig, LayerConfig
+from .adapters.inject import _set_submodule, apply_adapter
+from .config import AdapterConfig
 from .measure.baselines import build_module
 from .measure.memory import peak_step_memory
 from .measure.timing import Spread, TimingSettings, time_step
@@ -80,9 +80,9 @@ class Plan:
 
 
 def candidate_plan(label: str, config: AdapterConfig, total_params: int, predicted_ms: float,
-                   predicted_mem: float) -> Plan:
-    return Plan(label, "candidate", lambda model: apply_adapter(model, config), total_params, predicted_ms,
-                predicted_mem)
+                   predicted_mem: float, kind: str = "candidate") -> Plan:
+    """Apply ``config`` with :func:`circtune.apply_adapter`, as a training script does."""
+    return Plan(label, kind, lambda model: apply_adapter(model, config), total_params, predicted_ms, predicted_mem)
 
 
 def baseline_plan(label: str, layers: Mapping[str, Candidate], total_params: int,
@@ -139,11 +139,3 @@ def validate(model: nn.Module, targets: Sequence[str], plans: Sequence[Plan], *,
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return results
-
-
-def config_for(base_model: str, layers: Mapping[str, LayerConfig], **metadata) -> AdapterConfig:
-    return AdapterConfig(base_model, dict(layers), metadata)
-
-
-def no_adapters_left(model: nn.Module) -> bool:
-    return not adapter_layers(model)

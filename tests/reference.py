@@ -30,6 +30,16 @@ def cdvft_delta_reference(diagonals, circulants, alpha: float) -> torch.Tensor:
     return alpha * diagonals[-1].double().unsqueeze(1) * delta
 
 
+def layer_delta_reference(layer, params) -> torch.Tensor:
+    """ΔW of a C3A or CDVFT layer from its named float64 parameters (``kernel``, or ``diagonals.k`` and
+    ``circulants.k``), built by the index arithmetic above."""
+    if hasattr(layer, "kernel"):
+        return c3a_delta_reference(params["kernel"], layer.in_features)
+    m = layer.factors
+    return cdvft_delta_reference([params[f"diagonals.{k}"] for k in range(m)],
+                                 [params[f"circulants.{k}"] for k in range(m - 1)], layer.alpha)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str = "") -> None:
     """allclose with a message that says where and by how much, and NaN never passes."""
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()

@@ -12,7 +12,12 @@ import sys
 
 import pytest
 import torch
-from reference import assert_close, block_circulant_reference, c3a_delta_reference, cdvft_delta_reference
+from reference import (
+    assert_close,
+    block_circulant_reference,
+    c3a_delta_reference,
+    layer_delta_reference,
+)
 from torch import nn
 
 from circtune.adapters import C3ALinear, CDVFTLinear, available_backends, get_backend
@@ -176,14 +181,6 @@ def _layer(method, d_in, d_out, p, factors=2):
     return layer
 
 
-def _reference_delta(layer, params):
-    if isinstance(layer, C3ALinear):
-        return c3a_delta_reference(params["kernel"], layer.in_features)
-    m = layer.factors
-    return cdvft_delta_reference([params[f"diagonals.{k}"] for k in range(m)],
-                                 [params[f"circulants.{k}"] for k in range(m - 1)], layer.alpha)
-
-
 def _check_layer(layer, x, atol, rtol):
     x = x.clone().requires_grad_()
     y = layer(x)
@@ -193,7 +190,7 @@ def _check_layer(layer, x, atol, rtol):
     params = {n: p.detach().double().clone().requires_grad_() for n, p in layer.adapter_named_parameters()}
     x_ref = x.detach().double().requires_grad_()
     base = layer.base_layer
-    y_ref = x_ref @ (base.weight.double() + _reference_delta(layer, params)).T + base.bias.double()
+    y_ref = x_ref @ (base.weight.double() + layer_delta_reference(layer, params)).T + base.bias.double()
     y_ref.backward(g)
     _close(y, y_ref, atol, rtol, "forward")
     _close(x.grad, x_ref.grad, atol, rtol, "input gradient")

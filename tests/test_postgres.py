@@ -14,7 +14,7 @@ import tempfile
 import time
 
 import pytest
-from test_workers import _plans, _worker
+from test_workers import _plans, run_two_workers
 
 
 def _bindir() -> str | None:
@@ -54,23 +54,12 @@ def postgres_url():
 
 
 def test_two_profile_workers_on_postgres_measure_every_job_once(postgres_url):
-    import multiprocessing as mp
-
     from circtune.measure.profiler import jobs_for
     from circtune.measure.store import MeasurementStore
 
-    MeasurementStore(postgres_url).close()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     started = time.perf_counter()
-    procs = [ctx.Process(target=_worker, args=(postgres_url, f"pg{i}", queue)) for i in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
+    results = run_two_workers(postgres_url, "pg")
     elapsed = time.perf_counter() - started
-    results = sorted(queue.get(timeout=5) for _ in procs)
     n_jobs = len(jobs_for(_plans(), ("fp32",)))
     assert sum(r[1] for r in results) == n_jobs, results  # no job measured twice, none skipped
     assert all(r[3] == n_jobs for r in results)

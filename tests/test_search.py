@@ -137,12 +137,19 @@ def test_study_picks_stay_in_the_window_and_a_rerun_resumes(tmp_path):
     assert sum(t.user_attrs.get("source") == "optimum" for t in again.trials) == 1
 
 
-def test_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
+def _tiny_roberta(tmp_path, *, hidden: int, layers: int):
+    """A folder with the config.json of a small RoBERTa (built offline from it)."""
     folder = tmp_path / "tiny"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({
-        "model_type": "roberta", "vocab_size": 50, "hidden_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 40, "type_vocab_size": 1}))
+        "model_type": "roberta", "vocab_size": 50, "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 16, "intermediate_size": 2 * hidden, "max_position_embeddings": 40,
+        "type_vocab_size": 1}))
+    return folder
+
+
+def test_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    folder = _tiny_roberta(tmp_path, hidden=64, layers=2)
     space = tmp_path / "space.toml"
     space.write_text('methods = ["c3a"]\nblock_sizes = [16, 32, 64]\ntransforms = ["rfft"]\n'
                      'backends = ["torch", "dense"]\n')
@@ -175,11 +182,7 @@ def test_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
 @pytest.mark.parametrize("budget, message", [("lots", "is not a number of parameters"),
                                              ("5", "budget 5 cannot be met")])
 def test_search_budget_errors(tmp_path, capsys, budget, message):
-    folder = tmp_path / "tiny"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "roberta", "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 40, "type_vocab_size": 1}))
+    folder = _tiny_roberta(tmp_path, hidden=32, layers=1)
     space = tmp_path / "space.toml"
     space.write_text('methods = ["c3a"]\nblock_sizes = [32]\ntransforms = ["rfft"]\nbackends = ["torch"]\n')
     code = main(["search", "--model", str(folder), "--budget", budget, "--space", str(space), "--tokens", "8",

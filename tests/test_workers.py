@@ -36,18 +36,23 @@ def _worker(url: str, name: str, queue) -> None:
     queue.put((name, result.measured, result.reused, len(result.measurements)))
 
 
-def test_two_processes_share_one_sqlite_store(tmp_path):
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
+def run_two_workers(url: str, prefix: str) -> list[tuple]:
+    """Two profile workers in spawned processes on one store; (name, measured, reused, rows) of each."""
     MeasurementStore(url).close()  # create the tables once, before the workers race
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(url, f"w{i}", queue)) for i in range(2)]
+    procs = [ctx.Process(target=_worker, args=(url, f"{prefix}{i}", queue)) for i in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
         assert p.exitcode == 0
-    results = sorted(queue.get(timeout=5) for _ in procs)
+    return sorted(queue.get(timeout=5) for _ in procs)
+
+
+def test_two_processes_share_one_sqlite_store(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    results = run_two_workers(url, "w")
     n_jobs = len(jobs_for(_plans(), ("fp32",)))
     assert sum(r[1] for r in results) == n_jobs  # measured exactly once between them
     assert all(r[3] == n_jobs for r in results)  # and each worker ends with the whole table

@@ -240,9 +240,13 @@ class MeasurementStore:
             raise ValueError(f"cannot open the measurement store {masked_url(self.url)}: {detail}") from None
 
     def register_device(self, fingerprint: str, name: str, info: Mapping) -> None:
-        with Session(self.engine) as s, s.begin():
-            if s.get(_DeviceRow, fingerprint) is None:
-                s.add(_DeviceRow(fingerprint=fingerprint, name=name, info=json.dumps(dict(info), sort_keys=True)))
+        try:
+            with Session(self.engine) as s, s.begin():
+                if s.get(_DeviceRow, fingerprint) is None:
+                    s.add(_DeviceRow(fingerprint=fingerprint, name=name,
+                                     info=json.dumps(dict(info), sort_keys=True)))
+        except IntegrityError:  # another worker registered the same device between our look and our insert
+            pass
 
     def device_info(self, fingerprint: str) -> dict | None:
         with Session(self.engine) as s:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,13 +18,14 @@ import pandas as pd
 
 from ._io import write_csv_atomic
 from .config import AdapterConfig
-from .measure.store import masked_url
+from .measure.store import MeasurementStore, masked_url, this_worker
 from .measure.timing import TimingSettings
 from .models import ModelInfo, build_model
 from .search import (
     Assignment,
     Problem,
     build_problem,
+    complete_trials,
     exact_optimum,
     neighbours,
     ranked_assignments,
@@ -132,7 +134,6 @@ def validation_frame(results: Sequence[Validation], base: Validation | None, pic
 def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info, settings, out: Path, storage: str,
                frame: pd.DataFrame, batch: int, seq_len: int, dtype: str, command: str | None) -> dict:
     """Everything after profiling; returns the summary that the CLI prints."""
-    from .search import pick_order
 
     here = frame[(frame.tokens == settings.tokens) & (frame.dtype == dtype)]
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
@@ -141,8 +142,62 @@ def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info,
     optimum = exact_optimum(problem)
     seeds = [optimum, *neighbours(problem, optimum), *uniform_c3a(problem)]
     name = args.study_name or f"circtune-{model.name}-{info.fingerprint}-t{settings.tokens}-{dtype}-{problem.key()}"
+    worker = this_worker()
     study = run_study(problem, storage=storage, study_name=name, n_trials=args.trials, seeds=seeds,
-                      sampler=args.sampler, seed=args.seed, progress=not args.quiet)
+                      sampler=args.sampler, seed=args.seed, progress=not args.quiet, worker=worker)
+    store = MeasurementStore(storage)
+    lock = f"study-outputs:{name}"
+    try:
+        if not store.claim(lock, worker, args.claim_timeout):
+            return {"skipped": f"study {name} is complete; another worker is writing its outputs "
+                               f"({_own_trials(study, worker)})"}
+        try:
+            written = _outputs_written(study, args)
+            if written:
+                return {"skipped": f"study {name} is complete and its outputs for these options were written by "
+                                   f"{written['worker']} to {written['folder']} ({_own_trials(study, worker)}); "
+                                   "pass a larger --trials to search further"}
+            summary = _write_outputs(args, budget=budget, model=model, info=info, settings=settings, out=out,
+                                     storage=storage, problem=problem, here=here, optimum=optimum, study=study,
+                                     name=name, batch=batch, seq_len=seq_len, dtype=dtype, command=command)
+            study.set_user_attr("outputs", {"folder": str(out.resolve()), "host": socket.gethostname(),
+                                            "worker": worker, "trials": len(complete_trials(study)),
+                                            **_output_options(args)})
+            return summary
+        finally:
+            store.release(lock, worker)
+    finally:
+        store.close()
+
+
+def _own_trials(study, worker: str) -> str:
+    trials = complete_trials(study)
+    mine = sum(t.user_attrs.get("worker") == worker for t in trials)
+    return f"{len(trials)} trials, {mine} of them from this worker"
+
+
+def _output_options(args: argparse.Namespace) -> dict:
+    return {"objective": args.objective, "top": args.top, "validate": not args.no_validate}
+
+
+def _outputs_written(study, args: argparse.Namespace) -> dict | None:
+    """The study's record of its written outputs, if they cover ``args.trials`` trials with the same options and
+    (when written on this host) the folder still holds them."""
+    record = study.user_attrs.get("outputs")
+    if not record or record.get("trials", 0) < args.trials:
+        return None
+    if any(record.get(k) != v for k, v in _output_options(args).items()):
+        return None
+    if record.get("host") == socket.gethostname() and not (Path(record["folder"]) / "adapter_config.json").is_file():
+        return None
+    return record
+
+
+def _write_outputs(args: argparse.Namespace, *, budget: int, model: ModelInfo, info, settings, out: Path,
+                   storage: str, problem: Problem, here: pd.DataFrame, optimum: Assignment, study, name: str,
+                   batch: int, seq_len: int, dtype: str, command: str | None) -> dict:
+    from .search import pick_order
+
     trials = trials_frame(problem, study)
     write_csv_atomic(trials, out / "trials.csv")
     top = ranked_assignments(problem, study, args.objective, args.top)
@@ -177,7 +232,8 @@ def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info,
         "measured_mem_mb": picked.mem_mb if picked else None,
         "device": info.to_dict(), "tokens": settings.tokens, "batch_size": batch, "seq_len": seq_len,
         "dtype": dtype, "command": command,
-        "study": {"name": name, "storage": masked_url(storage), "trials": len(study.trials), "sampler": args.sampler},
+        "study": {"name": name, "storage": masked_url(storage), "trials": len(complete_trials(study)),
+                  "sampler": args.sampler},
     }
     config = adapter_config(model, problem, pick, **meta)
     config.save(out / "adapter_config.json")

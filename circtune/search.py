@@ -22,7 +22,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -239,7 +239,7 @@ def neighbours(problem: Problem, base: Assignment, limit: int = 8) -> list[Assig
                 seen.add(problem.signature(a.choice))
                 out.append(a)
     out.sort(key=lambda a: (a.step_ms, a.mem_mb))
-    return out[:limit]
+    return [replace(a, label=f"optimum neighbour {n}") for n, a in enumerate(out[:limit], 1)]
 
 
 def uniform_c3a(problem: Problem) -> list[Assignment]:
@@ -320,44 +320,107 @@ def _sampler(name: str, seed: int | None):
     raise ValueError(f"sampler {name!r} is not supported; accepted: {', '.join(SAMPLERS)}")
 
 
-def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int, seeds: Sequence[Assignment] = (),
-              sampler: str = "tpe", seed: int | None = 0, progress: bool = True, flush_every: int = 1):
-    """Create or resume the study ``study_name`` in ``storage`` (a SQLAlchemy URL) and run ``n_trials`` more
-    trials. On a new study, ``seeds`` are enqueued first (each with a ``source``/``label`` user attribute).
+# Optuna's heartbeat: a worker's running trial is stamped this often; one not stamped for twice as long (its worker
+# died) is failed by the next worker and enqueued again, at most 3 times.
+HEARTBEAT_S = 30
+MAX_RETRY = 3
 
-    The sampler works on an in-memory copy of the study (the stored trials loaded into it), and finished trials are
-    written back to ``storage`` every ``flush_every`` trials (default: each one, so a killed run loses only the
-    trial in flight) and at the end: with 48 categorical parameters per trial, sampling straight against SQLite
-    costs about 0.5 s a trial, in memory a few ms. Several workers may run on one study: each adds its trials, and
-    each samples from the trials stored when it started.
+
+def study_storage(url: str, heartbeat_s: int = HEARTBEAT_S):
+    """Optuna's ``RDBStorage`` on ``url`` with heartbeats and a retry callback for trials left stale by a dead
+    worker; SQLite files get the store's write-ahead-log pragmas
+    (:func:`~circtune.measure.store.sqlite_pragmas`)."""
+    import warnings
+
+    import optuna
+
+    from .measure.store import sqlite_pragmas
+
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    with warnings.catch_warnings():  # heartbeats and the retry callback are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+    sqlite_pragmas(storage.engine)
+    return storage
+
+
+def _fail_dead_workers(study, storage) -> int:
+    """Fail the running trials of workers on this host whose process is gone (a killed run being re-run) and
+    enqueue them again through the storage's retry callback, without waiting for the heartbeat's grace period.
+    Returns how many were failed."""
+    import copy
+
+    import optuna
+
+    from .measure.store import dead_local_worker
+
+    failed = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not dead_local_worker(t.user_attrs.get("worker", "")):
+            continue
+        try:
+            if not storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+            continue
+        failed += 1
+        storage.get_heartbeat_stale_trial_callback()(study, copy.deepcopy(storage.get_trial(t._trial_id)))
+    return failed
+
+
+def complete_trials(study) -> list:
+    import optuna
+
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int, seeds: Sequence[Assignment] = (),
+              sampler: str = "tpe", seed: int | None = 0, progress: bool = True, worker: str | None = None,
+              heartbeat_s: int = HEARTBEAT_S):
+    """Create or join the study ``study_name`` in ``storage`` (a SQLAlchemy URL) and run trials until it holds
+    ``n_trials`` complete ones; returns the study.
+
+    Optuna's own distributed machinery: every worker samples against the shared ``RDBStorage`` (so each sees
+    the others' trials), with heartbeats and a retry callback (:func:`study_storage`). ``seeds`` (each with a
+    ``source``/``label`` user attribute) are enqueued once per study, under a lock in the store's claims table,
+    so workers that start together do not enqueue them twice, and a run killed while enqueuing completes them.
+    Every trial records its ``worker`` (``host:pid``); a killed run loses only the trial in flight, which the
+    next run fails and enqueues again. Several workers may overshoot ``n_trials`` by one trial each at most.
     """
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    directions = ["minimize", "minimize"]
-    stored = optuna.create_study(study_name=study_name, storage=storage, directions=directions, load_if_exists=True)
-    work = optuna.create_study(directions=directions, sampler=_sampler(sampler, seed))
-    finished = [t for t in stored.get_trials(deepcopy=False) if t.state.is_finished()]
-    work.add_trials(finished)
-    labels = [[o.label for o in opts] for opts in problem.options]
-    if not finished:
-        stored.set_user_attr("budget", problem.budget)
-        stored.set_user_attr("min_fill", problem.min_fill)
-        for a in seeds:
-            params = {layer.name: labels[i][k] for i, (layer, k) in enumerate(zip(problem.layers, a.choice,
-                                                                                   strict=True))}
-            source = "optimum" if a.label == "exact optimum" else "seed"
-            work.enqueue_trial(params, user_attrs={"source": source, "label": a.label})
-    written = len(finished)
+    from .measure.store import MeasurementStore, this_worker
 
-    def flush(*_) -> None:
-        nonlocal written
-        done = [t for t in work.get_trials(deepcopy=False) if t.state.is_finished()]
-        if len(done) > written and (len(done) - written >= flush_every or len(done) - len(finished) >= n_trials):
-            stored.add_trials(done[written:])
-            written = len(done)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    worker = worker or this_worker()
+    rdb = study_storage(storage, heartbeat_s)
+    study = optuna.create_study(study_name=study_name, storage=rdb, directions=["minimize", "minimize"],
+                                sampler=_sampler(sampler, seed), load_if_exists=True)
+    _fail_dead_workers(study, rdb)
+    labels = [[o.label for o in opts] for opts in problem.options]
+    store = MeasurementStore(storage)
+    try:
+        with store.lock(f"study-seeds:{study_name}", worker):
+            if "budget" not in study.user_attrs:
+                study.set_user_attr("budget", problem.budget)
+                study.set_user_attr("min_fill", problem.min_fill)
+            have = {t.user_attrs.get("label") for t in study.get_trials(deepcopy=False)
+                    if t.user_attrs.get("source") in ("optimum", "seed")}
+            for a in seeds:
+                if a.label in have:
+                    continue
+                params = {layer.name: labels[i][k] for i, (layer, k) in enumerate(zip(problem.layers, a.choice,
+                                                                                       strict=True))}
+                source = "optimum" if a.label == "exact optimum" else "seed"
+                study.enqueue_trial(params, user_attrs={"source": source, "label": a.label})
+                have.add(a.label)
+    finally:
+        store.close()
 
     def objective(trial) -> tuple[float, float]:
+        trial.set_user_attr("worker", worker)
         proposed = [labels[i].index(trial.suggest_categorical(layer.name, labels[i]))
                     for i, layer in enumerate(problem.layers)]
         choice = repair(problem, proposed)
@@ -369,12 +432,11 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
         trial.set_user_attr("source", trial.user_attrs.get("source", "sampler"))
         return step_ms, mem_mb
 
-    try:
-        work.optimize(objective, n_trials=n_trials, show_progress_bar=progress, callbacks=[flush])
-    finally:
-        flush_every = 1
-        flush()
-    return optuna.load_study(study_name=study_name, storage=storage)
+    remaining = n_trials - len(complete_trials(study))
+    if remaining > 0:
+        stop = optuna.study.MaxTrialsCallback(n_trials, states=(optuna.trial.TrialState.COMPLETE,))
+        study.optimize(objective, n_trials=remaining, show_progress_bar=progress, callbacks=[stop])
+    return study
 
 
 def trial_assignments(problem: Problem, study) -> list[tuple[object, Assignment]]:

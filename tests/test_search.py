@@ -1,12 +1,14 @@
 import itertools
 import json
 import random
+from collections import Counter
 
 import pandas as pd
 import pytest
 
 import circtune
 from circtune.cli.main import main
+from circtune.measure.store import this_worker
 from circtune.models import TargetLayer, build_model
 from circtune.search import (
     BudgetError,
@@ -132,9 +134,13 @@ def test_study_picks_stay_in_the_window_and_a_rerun_resumes(tmp_path):
         top = ranked_assignments(problem, study, objective, 3)
         assert top and all(problem.lo <= a.params <= problem.hi for a in top)
     assert ranked_assignments(problem, study, "latency", 1)[0].step_ms == pytest.approx(best.step_ms)
-    again = run_study(problem, storage=storage, study_name="t", n_trials=7, seeds=seeds, progress=False)
-    assert len(again.trials) == 37  # added to the stored study, not started over
-    assert sum(t.user_attrs.get("source") == "optimum" for t in again.trials) == 1
+    same = run_study(problem, storage=storage, study_name="t", n_trials=30, seeds=seeds, progress=False)
+    assert len(same.trials) == 30  # the study already holds what was asked: nothing more runs
+    again = run_study(problem, storage=storage, study_name="t", n_trials=37, seeds=seeds, progress=False)
+    assert len(again.trials) == 37  # continued to the new total, not started over
+    labels = [t.user_attrs.get("label") for t in again.trials if t.user_attrs.get("source") in ("optimum", "seed")]
+    assert sorted(labels) == sorted(a.label for a in seeds)  # every seed exactly once
+    assert {t.user_attrs.get("worker") for t in again.trials} == {this_worker()}
 
 
 def _tiny_roberta(tmp_path, *, hidden: int, layers: int):
@@ -173,8 +179,14 @@ def test_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
     validation = pd.read_csv(out / "validation.csv")
     assert validation.picked.sum() == 1 and "no adapter" in set(validation.label)
     assert "pick" in set(validation.label) and set(validation.status) == {"ok"}
-    # A second run resumes the study and measures nothing new.
+    # The same command again: the study is complete and its outputs are written, so nothing is redone.
+    written = (out / "adapter_config.json").read_bytes()
+    capsys.readouterr()
     assert main(args) == 0
+    assert "is complete and its outputs for these options were written by" in capsys.readouterr().err
+    assert (out / "adapter_config.json").read_bytes() == written
+    # More trials: the study continues to 24 and the outputs are written again.
+    assert main([*args[:-3], "--trials", "24", *args[-3:]]) == 0
     meta2 = json.loads((out / "adapter_config.json").read_text())
     assert meta2["study"]["trials"] == 24
 
@@ -195,29 +207,46 @@ def test_search_budget_errors(tmp_path, capsys, budget, message):
 def _search_worker(storage, name, n, queue):
     problem = build_problem(LAYERS, _table(), 3000, 0.9)
     best = exact_optimum(problem)
-    study = run_study(problem, storage=storage, study_name="shared", n_trials=n, seeds=[best], progress=False,
-                      seed=hash(name) % 1000)
+    seeds = [best, *neighbours(problem, best), *uniform_c3a(problem)]
+    study = run_study(problem, storage=storage, study_name="shared", n_trials=n, seeds=seeds, progress=False,
+                      seed=int(name[1:]), worker=name)
     queue.put((name, ranked_assignments(problem, study, "latency", 1)[0].choice))
 
 
-def test_two_search_workers_share_one_study(tmp_path):
+def run_two_search_workers(storage: str, n: int) -> list:
+    """Two spawned workers running one study to ``n`` complete trials; returns their picks."""
     import multiprocessing as mp
 
-    import optuna
-
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
-    optuna.create_study(study_name="shared", storage=storage, directions=["minimize", "minimize"])
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_search_worker, args=(storage, f"w{i}", 15, queue)) for i in range(2)]
+    procs = [ctx.Process(target=_search_worker, args=(storage, f"w{i}", n, queue)) for i in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
         assert p.exitcode == 0
-    picks = [queue.get(timeout=5)[1] for _ in procs]
+    return [queue.get(timeout=5)[1] for _ in procs]
+
+
+def check_shared_study(storage: str, n: int, picks: list) -> None:
+    """Both workers ran trials, the counts add up, every seed ran once, and both picks are the single-worker one."""
+    import optuna
+
     study = optuna.load_study(study_name="shared", storage=storage)
-    assert len(study.trials) == 30  # the trial counts add up
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert n <= len(complete) <= n + 1  # a worker mid-trial when the other completes the n-th finishes it
+    assert len(complete) == len(study.trials)  # nothing failed, nothing left waiting or running
+    by_worker = Counter(t.user_attrs["worker"] for t in complete)
+    assert set(by_worker) == {"w0", "w1"} and sum(by_worker.values()) == len(complete)
     problem = build_problem(LAYERS, _table(), 3000, 0.9)
-    single = exact_optimum(problem)
-    assert all(problem.totals(p)[1] == pytest.approx(single.step_ms) for p in picks)  # the single-worker pick
+    best = exact_optimum(problem)
+    seeds = [best, *neighbours(problem, best), *uniform_c3a(problem)]
+    labels = [t.user_attrs["label"] for t in complete if t.user_attrs["source"] in ("optimum", "seed")]
+    assert sorted(labels) == sorted(a.label for a in seeds)  # enqueued once although both workers started at once
+    assert all(problem.totals(p)[1] == pytest.approx(best.step_ms) for p in picks)  # the single-worker pick
+
+
+def test_two_search_workers_share_one_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    picks = run_two_search_workers(storage, 40)
+    check_shared_study(storage, 40, picks)

@@ -28,8 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which point of the Pareto front to pick (default: %(default)s)")
     p.add_argument("--methods", help="restrict to these methods, comma-separated (c3a, cdvft)")
     p.add_argument("--backends", help="restrict to these backends, comma-separated (torch, dense, triton)")
-    p.add_argument("--trials", type=int, default=200, help="Optuna trials to run (more on a resumed study) "
-                                                            "(default: %(default)s)")
+    p.add_argument("--trials", type=int, default=200,
+                   help="complete Optuna trials the study should hold: a re-run, or several workers on one "
+                        "study, continue until it does (default: %(default)s)")
     p.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe", help="Optuna sampler (default: tpe)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default: %(default)s)")
     p.add_argument("--study-name", help="Optuna study name (default: derived from model, device, budget and "
@@ -95,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     summary = run_search(args, budget=budget, model=model, info=info, settings=settings, out=out,
                          storage=store_url, frame=frame, batch=batch, seq_len=seq_len, dtype=dtype,
                          command=command_line())
+    if "skipped" in summary:
+        print(summary["skipped"], file=sys.stderr)
+        return 0
     print(json.dumps(summary["printed"], indent=2))
     print(f"wrote {out}/adapter_config.json, measurements.csv, trials.csv, validation.csv and report.html "
           f"in {time.perf_counter() - started:.0f} s", file=sys.stderr)

@@ -17,8 +17,6 @@ every result is committed to the store at once, and keys the store already holds
 from __future__ import annotations
 
 import gc
-import os
-import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +29,7 @@ from ..space import DTYPES, Candidate, Exclusion, SearchSpace, baselines, expand
 from .baselines import build_module, peft_available
 from .flops import count_flops
 from .memory import peak_step_memory
-from .store import Measurement, MeasurementKey, MeasurementStore
+from .store import Measurement, MeasurementKey, MeasurementStore, this_worker
 from .timing import TimingSettings, run_step, time_step
 
 
@@ -212,7 +210,7 @@ def run_profile(plans: Sequence[ShapePlan], settings: ProfileSettings, store: Me
     from tqdm.auto import tqdm
 
     sw = device_info.software
-    worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+    worker = worker or this_worker()
     store.register_device(device_info.fingerprint, device_info.name, device_info.to_dict())
     result = ProfileResult()
     rows: list[Measurement | None] = []

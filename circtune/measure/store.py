@@ -19,11 +19,24 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, create_engine, delete, make_url, select, update
+from sqlalchemy import (
+    Float,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    make_url,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -160,7 +173,12 @@ def _key_values(key: MeasurementKey) -> dict:
             "backend": c.backend or ""}
 
 
-def _dead_local_worker(worker: str) -> bool:
+def this_worker() -> str:
+    """This process's worker name, ``host:pid``: what claims and trials record as their owner."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def dead_local_worker(worker: str) -> bool:
     """True for a ``host:pid`` worker on this host whose process is gone (a killed run being re-run): its claim
     need not wait for the timeout."""
     host, _, pid = worker.rpartition(":")
@@ -175,7 +193,10 @@ def _dead_local_worker(worker: str) -> bool:
     return False
 
 
-def _digest(key: MeasurementKey) -> str:
+def _digest(key: MeasurementKey | str) -> str:
+    """The claim key: a measurement's key, or a named lock such as ``study-seeds:NAME``."""
+    if isinstance(key, str):
+        return hashlib.sha256(key.encode()).hexdigest()
     return hashlib.sha256(json.dumps(_key_values(key), sort_keys=True).encode()).hexdigest()
 
 
@@ -205,6 +226,24 @@ def _to_row(m: Measurement) -> _MeasurementRow:
                            timestamp=m.timestamp, settings=json.dumps(dict(m.settings), sort_keys=True))
 
 
+def _set_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def sqlite_pragmas(engine) -> None:
+    """On a SQLite engine, every new connection uses write-ahead logging with ``synchronous=NORMAL``: readers
+    and the one writer of several worker processes no longer block each other, and a commit costs no fsync (a
+    power cut may lose the last commits, never corrupt the file). An Optuna trial writes one row per parameter,
+    so this makes a study about 3x faster on SQLite. Other databases are left alone."""
+    if engine.dialect.name != "sqlite" or event.contains(engine, "connect", _set_pragmas):
+        return
+    event.listen(engine, "connect", _set_pragmas)
+    engine.dispose()  # connections opened before now reconnect with the pragmas
+
+
 def storage_url(spec: str | os.PathLike) -> str:
     """A SQLAlchemy URL as given, or ``sqlite:///<path>`` for a file path (its folder is created)."""
     spec = str(spec)
@@ -232,6 +271,7 @@ class MeasurementStore:
             # SQLite: writers from several processes wait for each other's short transactions instead of failing.
             kwargs = {"connect_args": {"timeout": 60}} if self.url.startswith("sqlite") else {}
             self.engine = create_engine(self.url, **kwargs)
+            sqlite_pragmas(self.engine)
             _Base.metadata.create_all(self.engine)
         except Exception as e:  # a bad URL, a missing driver, an unreachable server: say which store
             detail = str(e).replace(self.url, masked_url(self.url)).splitlines()[0]
@@ -297,14 +337,14 @@ class MeasurementStore:
             rows = [m for m in rows if (m.key.d_in, m.key.d_out) in wanted]
         return rows
 
-    def claim(self, key: MeasurementKey, worker: str, timeout_s: float = 900.0) -> bool:
+    def claim(self, key: MeasurementKey | str, worker: str, timeout_s: float = 900.0) -> bool:
         """Atomically take ``key`` for ``worker``: True if this worker may measure it now. A claim older than
         ``timeout_s`` (its worker died) is taken over with a compare-and-set on its timestamp, so two workers
         never both win it."""
         with deferred_interrupts():
             return self._claim(key, worker, timeout_s)
 
-    def _claim(self, key: MeasurementKey, worker: str, timeout_s: float) -> bool:
+    def _claim(self, key: MeasurementKey | str, worker: str, timeout_s: float) -> bool:
         digest = _digest(key)
         now = time.time()
         try:
@@ -319,17 +359,28 @@ class MeasurementStore:
                 return self._claim(key, worker, timeout_s)
             if row.worker == worker:
                 return True
-            if now - row.claimed_at < timeout_s and not _dead_local_worker(row.worker):
+            if now - row.claimed_at < timeout_s and not dead_local_worker(row.worker):
                 return False
             taken = s.execute(update(_ClaimRow).where(_ClaimRow.key == digest,
                                                       _ClaimRow.claimed_at == row.claimed_at)
                               .values(worker=worker, claimed_at=now))
             return taken.rowcount == 1
 
-    def release(self, key: MeasurementKey, worker: str) -> None:
+    def release(self, key: MeasurementKey | str, worker: str) -> None:
         """Drop ``worker``'s claim on ``key`` (a claim another worker has taken over is left alone)."""
         with deferred_interrupts(), Session(self.engine) as s, s.begin():
             s.execute(delete(_ClaimRow).where(_ClaimRow.key == _digest(key), _ClaimRow.worker == worker))
+
+    @contextmanager
+    def lock(self, name: str, worker: str, *, poll_s: float = 0.1, timeout_s: float = 900.0):
+        """Hold the named lock ``name`` (a claim) for the ``with`` block, waiting while another worker holds it;
+        a dead worker's lock is taken over as with :meth:`claim`."""
+        while not self.claim(name, worker, timeout_s):
+            time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            self.release(name, worker)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -8,7 +8,7 @@ import pytest
 
 import circtune
 from circtune.cli.main import main
-from circtune.measure.store import this_worker
+from circtune.measure.store import MeasurementStore, this_worker
 from circtune.models import TargetLayer, build_model
 from circtune.search import (
     BudgetError,
@@ -250,3 +250,94 @@ def test_two_search_workers_share_one_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     picks = run_two_search_workers(storage, 40)
     check_shared_study(storage, 40, picks)
+
+
+def _study_trials(store, study: str) -> list[tuple]:
+    """(number, state, params as text, values) of every trial of ``study``, read straight from the SQLite file."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(store, timeout=30) as con:
+            rows = con.execute(
+                "select t.number, t.state, t.trial_id from trials t join studies s on s.study_id = t.study_id "
+                "where s.study_name = ? order by t.number", (study,)).fetchall()
+            out = []
+            for number, state, trial_id in rows:
+                params = con.execute("select param_name, param_value from trial_params where trial_id = ? "
+                                     "order by param_name", (trial_id,)).fetchall()
+                values = con.execute("select objective, value from trial_values where trial_id = ? "
+                                     "order by objective", (trial_id,)).fetchall()
+                out.append((number, state, tuple(params), tuple(values)))
+            return out
+    except sqlite3.OperationalError:  # not created yet
+        return []
+
+
+def test_sigkill_mid_search_then_rerun_loses_and_duplicates_nothing(tmp_path, capsys):
+    """Kill a search after some stored trials; the same command again finishes the study, keeps every trial it
+    had unchanged, retries only the one in flight, measures nothing again, and picks what an uninterrupted run
+    on the same measurements picks."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = _tiny_roberta(tmp_path, hidden=64, layers=2)
+    space = tmp_path / "space.toml"
+    space.write_text('methods = ["c3a", "cdvft"]\nblock_sizes = [16, 32, 64]\nfactors = [2]\ntransforms = ["rfft"]\n'
+                     'backends = ["torch", "dense"]\n')
+    store = tmp_path / "m.db"
+
+    def command(name):
+        return ["search", "--model", str(folder), "--budget", "1500", "--space", str(space), "--tokens", "16",
+                "--warmup", "0", "--min-reps", "2", "--max-reps", "2", "--min-time", "0", "--trials", "80",
+                "--no-validate", "--quiet", "--store", str(store), "--study-name", name, "--out",
+                str(tmp_path / name)]
+
+    assert main(command("whole")) == 0  # profiles into the store, then the uninterrupted search
+    rows = MeasurementStore(store).query()
+    proc = subprocess.Popen([sys.executable, "-m", "circtune.cli.main", *command("killed")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    def mid_trial(trials):  # 15 trials stored, and the next one has recorded some of its parameters
+        return sum(t[1] == "COMPLETE" for t in trials) >= 15 and any(t[1] == "RUNNING" and t[2] for t in trials)
+
+    while not mid_trial(_study_trials(store, "killed")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = [t for t in _study_trials(store, "killed") if t[1] == "COMPLETE"]
+    in_flight = [t for t in _study_trials(store, "killed") if t[1] == "RUNNING"]
+    assert 15 <= len(kept) < 80 and len(in_flight) <= 1
+    assert not (tmp_path / "killed" / "adapter_config.json").exists()
+
+    assert main(command("killed")) == 0
+    after = _study_trials(store, "killed")
+    complete = [t for t in after if t[1] == "COMPLETE"]
+    assert len(complete) == 80  # the study's total, as uninterrupted
+    assert set(kept) <= set(complete)  # every stored trial kept, unchanged
+    assert len({t[0] for t in after}) == len(after)
+    import optuna
+
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{store}")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    if failed:  # the trial in flight, failed by the re-run and run again from its parameters
+        assert len(failed) == 1 and not running
+        retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed[0].number]
+        assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
+        # killed while suggesting: the parameters it had are kept, the rest are sampled on the retry
+        assert failed[0].params.items() <= retried[0].params.items()
+    else:  # killed between creating the trial and its first line: left to Optuna's heartbeat grace period
+        assert len(running) == len(in_flight) and all("worker" not in t.user_attrs for t in running)
+    sources = Counter(t.user_attrs.get("label") for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+                      and t.user_attrs.get("source") in ("optimum", "seed"))
+    assert sources and set(sources.values()) == {1}  # every seed once
+    assert len(MeasurementStore(store).query()) == len(rows)  # the profile step measured nothing again
+    whole = json.loads((tmp_path / "whole" / "adapter_config.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "adapter_config.json").read_text())
+    assert resumed["layers"] == whole["layers"]
+    assert resumed["total_params"] == whole["total_params"]
+    assert len(pd.read_csv(tmp_path / "killed" / "trials.csv")) == 80
+    print(f"search killed after {len(kept)} complete trials ({len(in_flight)} in flight); re-run: 80 complete, "
+          f"{len(failed)} failed and retried, {len(running)} left running; {len(rows)} measurements, none again")

@@ -395,13 +395,16 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     worker = worker or this_worker()
-    rdb = study_storage(storage, heartbeat_s)
-    study = optuna.create_study(study_name=study_name, storage=rdb, directions=["minimize", "minimize"],
-                                sampler=_sampler(sampler, seed), load_if_exists=True)
-    _fail_dead_workers(study, rdb)
     labels = [[o.label for o in opts] for opts in problem.options]
     store = MeasurementStore(storage)
     try:
+        # Optuna creates its tables and records its schema version on first use: workers starting together on a
+        # new database would collide there, so one at a time. Seeds likewise.
+        with store.lock("optuna-storage", worker):
+            rdb = study_storage(storage, heartbeat_s)
+            study = optuna.create_study(study_name=study_name, storage=rdb, directions=["minimize", "minimize"],
+                                        sampler=_sampler(sampler, seed), load_if_exists=True)
+        _fail_dead_workers(study, rdb)
         with store.lock(f"study-seeds:{study_name}", worker):
             if "budget" not in study.user_attrs:
                 study.set_user_attr("budget", problem.budget)

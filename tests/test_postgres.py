@@ -14,6 +14,7 @@ import tempfile
 import time
 
 import pytest
+from test_search import check_search_workers, run_search_workers
 from test_workers import _plans, run_two_workers
 
 
@@ -29,7 +30,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def postgres_url():
+def postgres_server():
+    """A throw-away server; yields a function that creates a fresh database and returns its URL."""
     pytest.importorskip("psycopg", reason="PostgreSQL driver not installed (pip install 'circtune[postgres]')")
     bindir = _bindir()
     if bindir is None:
@@ -44,19 +46,24 @@ def postgres_url():
     run(f"{bindir}/initdb", "-D", f"{data}/db", "-A", "trust", "-U", "circtune")
     run(f"{bindir}/pg_ctl", "-D", f"{data}/db", "-l", f"{data}/log", "-w", "-o",
         f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")
+
+    def new_database(name: str) -> str:
+        run(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "circtune", name)
+        return f"postgresql://circtune@127.0.0.1:{port}/{name}"
+
     try:
-        run(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "circtune", "circtune")
-        yield f"postgresql://circtune@127.0.0.1:{port}/circtune"
+        yield new_database
     finally:
         subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", f"{data}/db", "-m", "fast", "stop"],
                        capture_output=True)
         shutil.rmtree(data, ignore_errors=True)
 
 
-def test_two_profile_workers_on_postgres_measure_every_job_once(postgres_url):
+def test_two_profile_workers_on_postgres_measure_every_job_once(postgres_server):
     from circtune.measure.profiler import jobs_for
     from circtune.measure.store import MeasurementStore
 
+    postgres_url = postgres_server("profile")
     started = time.perf_counter()
     results = run_two_workers(postgres_url, "pg")
     elapsed = time.perf_counter() - started
@@ -66,3 +73,11 @@ def test_two_profile_workers_on_postgres_measure_every_job_once(postgres_url):
     store = MeasurementStore(postgres_url)
     assert len(store.query()) == n_jobs
     print(f"two workers on PostgreSQL: {n_jobs} jobs, measured {[r[1] for r in results]}, {elapsed:.1f} s")
+
+
+def test_two_search_commands_on_postgres_share_one_study(postgres_server, tmp_path):
+    url = postgres_server("search")
+    started = time.perf_counter()
+    command, results = run_search_workers(url, tmp_path)
+    elapsed = time.perf_counter() - started
+    print(f"two search workers on PostgreSQL: {check_search_workers(url, command, results)}, {elapsed:.1f} s")

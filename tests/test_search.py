@@ -341,3 +341,67 @@ def test_sigkill_mid_search_then_rerun_loses_and_duplicates_nothing(tmp_path, ca
     assert len(pd.read_csv(tmp_path / "killed" / "trials.csv")) == 80
     print(f"search killed after {len(kept)} complete trials ({len(in_flight)} in flight); re-run: 80 complete, "
           f"{len(failed)} failed and retried, {len(running)} left running; {len(rows)} measurements, none again")
+
+
+def run_search_workers(store_url: str, tmp_path, n_workers: int = 2, trials: int = 60):
+    """``n_workers`` ``circtune search`` processes started together on one store and one study (each profiles
+    with claims, then joins the study); returns the model folder, the command maker and [(out, rc, stderr)]."""
+    import subprocess
+    import sys
+
+    folder = _tiny_roberta(tmp_path, hidden=64, layers=2)
+    space = tmp_path / "space.toml"
+    space.write_text('methods = ["c3a", "cdvft"]\nblock_sizes = [16, 32, 64]\nfactors = [2]\ntransforms = ["rfft"]\n'
+                     'backends = ["torch", "dense"]\n')
+
+    def command(name, study="shared"):
+        return ["search", "--model", str(folder), "--budget", "1500", "--space", str(space), "--tokens", "16",
+                "--threads", "1", "--warmup", "0", "--min-reps", "2", "--max-reps", "2", "--min-time", "0",
+                "--trials", str(trials), "--no-validate", "--quiet", "--store", store_url, "--study-name", study,
+                "--out", str(tmp_path / name)]
+
+    MeasurementStore(store_url).close()  # the tables exist before the workers race
+    procs = [subprocess.Popen([sys.executable, "-m", "circtune.cli.main", *command(f"w{i}")], text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(n_workers)]
+    results = []
+    for i, p in enumerate(procs):
+        _, err = p.communicate(timeout=600)
+        results.append((tmp_path / f"w{i}", p.returncode, err))
+    return command, results
+
+
+def check_search_workers(store_url: str, command, results, trials: int = 60) -> dict:
+    """Every job measured once between the workers, the trial counts add up to the study's, the outputs were
+    written by exactly one worker, and its pick equals a single worker's on the same measurements."""
+    import optuna
+
+    assert all(rc == 0 for _, rc, _ in results), [err for *_, err in results]
+    rows = MeasurementStore(store_url).query()
+    profiles = [json.loads((out / "profile.json").read_text()) for out, _, _ in results]
+    assert sum(p["measured"] for p in profiles) == len(rows)  # no job measured twice, none skipped
+    assert all(p["measured"] + p["reused"] == len(rows) for p in profiles)
+    study = optuna.load_study(study_name="shared", storage=store_url)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert trials <= len(complete) <= trials + len(results) - 1 and len(complete) == len(study.trials)
+    by_worker = Counter(t.user_attrs["worker"] for t in complete)
+    assert sum(by_worker.values()) == len(complete)
+    labels = Counter(t.user_attrs["label"] for t in complete if t.user_attrs["source"] in ("optimum", "seed"))
+    assert labels and set(labels.values()) == {1}  # the seeds were enqueued once
+    writers = [out for out, _, _ in results if (out / "adapter_config.json").exists()]
+    assert len(writers) == 1  # the outputs were written once
+    for out, _, err in results:
+        if out not in writers:
+            assert "another worker is writing its outputs" in err or "outputs for these options were written" in err
+    assert main(command("single", study="single")) == 0  # one worker, the same measurements, a study of its own
+    single = json.loads((writers[0].parent / "single" / "adapter_config.json").read_text())
+    picked = json.loads((writers[0] / "adapter_config.json").read_text())
+    assert picked["layers"] == single["layers"] and picked["total_params"] == single["total_params"]
+    assert len(MeasurementStore(store_url).query()) == len(rows)
+    return {"jobs": len(rows), "measured": [p["measured"] for p in profiles], "trials": len(complete),
+            "by_worker": sorted(by_worker.values())}
+
+
+def test_two_search_commands_share_one_sqlite_store_and_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    command, results = run_search_workers(url, tmp_path)
+    print("two search workers on SQLite:", check_search_workers(url, command, results))

@@ -22,14 +22,25 @@ from .adapters import C3A_INITS, TRANSFORMS, available_backends
 FORMAT = "circtune.adapter/1"
 METHODS = ("c3a", "cdvft")
 _LAYER_KEYS = ("method", "block_size", "factors", "transform", "backend", "alpha", "init")
+_EXAMPLE = (f'{{"format": "{FORMAT}", "base_model": "...", '
+            '"layers": {"<module name>": {"method": "c3a", "block_size": 64}}}')
+
+
+def problems_message(head: str, problems: list[str]) -> str:
+    """``head: first problem`` on one line (what a command prints as its error), then any further problems one
+    per line below it."""
+    more = problems[1:]
+    first = f"{head}: {problems[0]}" + (f" (and {len(more)} more below)" if more else "")
+    return "\n".join([first, *(f"  - {p}" for p in more)])
 
 
 class AdapterConfigError(ValueError):
-    """An adapter config that cannot be used; the message lists every problem with its key."""
+    """An adapter config that cannot be used; the message names the first problem with its key on its first line
+    and lists every further one below."""
 
     def __init__(self, source: str, problems: list[str]):
         self.source, self.problems = source, problems
-        super().__init__(f"invalid adapter config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(problems_message(f"invalid adapter config {source}", problems))
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,12 @@ class LayerConfig:
         return d
 
 
+def _short(v: Any, limit: int = 60) -> str:
+    """repr(v), cut to ``limit`` characters: a hostile file's value goes into one readable line."""
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -63,26 +80,27 @@ def _layer_problems(key: str, raw: Any) -> list[str]:
     problems = [f"{key}.{k}: unknown key; accepted: {', '.join(_LAYER_KEYS)}" for k in raw if k not in _LAYER_KEYS]
     method = raw.get("method")
     if method not in METHODS:
-        problems.append(f"{key}.method: {method!r} is not a method; accepted: {', '.join(METHODS)}")
+        problems.append(f"{key}.method: {_short(method)} is not a method; accepted: {', '.join(METHODS)}")
     p = raw.get("block_size")
     if not _is_int(p) or p < 1:
-        problems.append(f"{key}.block_size: {p!r} is not a positive integer")
+        problems.append(f"{key}.block_size: {_short(p)} is not a positive integer")
     m = raw.get("factors")
     if method == "cdvft" and m is not None and (not _is_int(m) or m < 2):
-        problems.append(f"{key}.factors: {m!r} is not valid for cdvft; accepted: an integer >= 2")
+        problems.append(f"{key}.factors: {_short(m)} is not valid for cdvft; accepted: an integer >= 2")
     if method == "c3a" and m not in (None, 1):
-        problems.append(f"{key}.factors: {m!r} is not valid for c3a; accepted: null (c3a has one circulant factor)")
+        problems.append(f"{key}.factors: {_short(m)} is not valid for c3a; accepted: null (c3a has one circulant "
+                        "factor)")
     if raw.get("transform", "rfft") not in TRANSFORMS:
-        problems.append(f"{key}.transform: {raw.get('transform')!r} is not a transform; accepted: "
+        problems.append(f"{key}.transform: {_short(raw.get('transform'))} is not a transform; accepted: "
                         f"{', '.join(TRANSFORMS)}")
     if raw.get("backend", "torch") not in available_backends():
-        problems.append(f"{key}.backend: {raw.get('backend')!r} is not a backend here; accepted: "
+        problems.append(f"{key}.backend: {_short(raw.get('backend'))} is not a backend here; accepted: "
                         f"{', '.join(available_backends())}")
     alpha = raw.get("alpha", 1.0)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-        problems.append(f"{key}.alpha: {alpha!r} is not a number")
+        problems.append(f"{key}.alpha: {_short(alpha)} is not a number")
     if raw.get("init", "zeros") not in C3A_INITS:
-        problems.append(f"{key}.init: {raw.get('init')!r} is not an init; accepted: {', '.join(C3A_INITS)}")
+        problems.append(f"{key}.init: {_short(raw.get('init'))} is not an init; accepted: {', '.join(C3A_INITS)}")
     return problems
 
 
@@ -100,13 +118,14 @@ class AdapterConfig:
             raise AdapterConfigError(source, [f"top level: expected a JSON object, got {type(data).__name__}"])
         problems = []
         if data.get("format") != FORMAT:
-            problems.append(f"format: {data.get('format')!r} is not supported; accepted: {FORMAT!r}")
+            problems.append(f"format: {_short(data.get('format'))} is not supported; accepted: {FORMAT!r}")
         base_model = data.get("base_model")
         if not isinstance(base_model, str) or not base_model:
-            problems.append(f"base_model: expected a non-empty string, got {base_model!r}")
+            problems.append(f"base_model: expected a non-empty string, got {_short(base_model)}")
         raw_layers = data.get("layers")
         if not isinstance(raw_layers, Mapping) or not raw_layers:
-            problems.append(f"layers: expected a non-empty object of module name -> adapter, got {raw_layers!r}")
+            problems.append("layers: expected a non-empty object of module name -> adapter, got "
+                            f"{_short(raw_layers)}")
             raw_layers = {}
         layers = {}
         for name, raw in raw_layers.items():
@@ -142,12 +161,23 @@ class AdapterConfig:
     def load(cls, path: str | os.PathLike) -> AdapterConfig:
         path = os.fspath(path)
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except FileNotFoundError:
             raise AdapterConfigError(path, ["file not found"]) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AdapterConfigError(path, [f"not valid JSON: {e}"]) from None
+        except IsADirectoryError:
+            raise AdapterConfigError(path, ["is a folder, not a JSON file (a circtune search folder holds "
+                                            "adapter_config.json)"]) from None
+        except OSError as e:
+            raise AdapterConfigError(path, [f"cannot read it: {e.strerror or e}"]) from None
+        except UnicodeDecodeError as e:
+            raise AdapterConfigError(path, [f"not a UTF-8 text file ({e.reason} at byte {e.start}); expected "
+                                            "JSON"]) from None
+        except json.JSONDecodeError as e:
+            problem = f"not valid JSON: {e}" if e.doc.strip() else "the file is empty"
+            raise AdapterConfigError(path, [f"{problem}; expected a JSON object like {_EXAMPLE}"]) from None
+        except RecursionError:
+            raise AdapterConfigError(path, ["not usable JSON: nested too deeply"]) from None
         return cls.from_dict(data, source=path)
 
 

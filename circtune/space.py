@@ -120,6 +120,12 @@ class SearchSpace:
     description: str = ""
 
 
+def _short(v: Any, limit: int = 60) -> str:
+    """repr(v), cut to ``limit`` characters: a hostile file's value goes into one readable line."""
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _error(source: str, key: str, problem: str) -> SpaceError:
     return SpaceError(f"search space {source}: {key}: {problem}")
 
@@ -128,12 +134,12 @@ def _str_list(source: str, key: str, value: Any, accepted: Sequence[str]) -> tup
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise _error(source, key, f"expected a non-empty list of strings, got {value!r}; accepted: "
+        raise _error(source, key, f"expected a non-empty list of strings, got {_short(value)}; accepted: "
                      f"{', '.join(accepted)}")
     out = []
     for v in value:
         if v not in accepted:
-            raise _error(source, key, f"{v!r} is not accepted; accepted: {', '.join(accepted)}")
+            raise _error(source, key, f"{_short(v)} is not accepted; accepted: {', '.join(accepted)}")
         if v not in out:
             out.append(v)
     return tuple(out)
@@ -141,7 +147,7 @@ def _str_list(source: str, key: str, value: Any, accepted: Sequence[str]) -> tup
 
 def _pos_int(source: str, key: str, value: Any, least: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise _error(source, key, f"expected an integer >= {least}, got {value!r}")
+        raise _error(source, key, f"expected an integer >= {least}, got {_short(value)}")
     return value
 
 
@@ -155,7 +161,7 @@ def parse_space(data: Mapping[str, Any], source: str = "<dict>") -> SearchSpace:
     kw: dict[str, Any] = {"source": source}
     if "description" in data:
         if not isinstance(data["description"], str):
-            raise _error(source, "description", f"expected a string, got {data['description']!r}")
+            raise _error(source, "description", f"expected a string, got {_short(data['description'])}")
         kw["description"] = data["description"]
     if "methods" in data:
         kw["methods"] = _str_list(source, "methods", data["methods"], METHODS)
@@ -167,12 +173,12 @@ def parse_space(data: Mapping[str, Any], source: str = "<dict>") -> SearchSpace:
         raw = data["dtypes"]
         raw = [raw] if isinstance(raw, str) else raw
         if isinstance(raw, list):
-            raw = [_DTYPE_ALIASES.get(v, v) for v in raw]
+            raw = [_DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v for v in raw]
         kw["dtypes"] = _str_list(source, "dtypes", raw, ("auto", *DTYPES))
     if "factors" in data:
         raw = data["factors"]
         if not isinstance(raw, list) or not raw:
-            raise _error(source, "factors", f"expected a non-empty list of integers >= 2, got {raw!r}")
+            raise _error(source, "factors", f"expected a non-empty list of integers >= 2, got {_short(raw)}")
         kw["factors"] = tuple(sorted({_pos_int(source, "factors", v, least=2) for v in raw}))
     if "block_sizes" in data:
         raw = data["block_sizes"]
@@ -191,7 +197,7 @@ def parse_space(data: Mapping[str, Any], source: str = "<dict>") -> SearchSpace:
             kw["block_size_min"], kw["block_size_max"] = lo, hi
         else:
             raise _error(source, "block_sizes", f"expected a table {{ min = .., max = .. }} or a list of integers, "
-                         f"got {raw!r}")
+                         f"got {_short(raw)}")
     return SearchSpace(**kw)
 
 
@@ -214,9 +220,16 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
     else:
         path = Path(spec)
         if not path.is_file():
-            raise SpaceError(f"search space {spec}: no such file; pass a .toml file or a built-in name: "
+            what = "a folder, not a file" if path.is_dir() else "no such file"
+            raise SpaceError(f"search space {spec}: {what}; pass a .toml file or a built-in name: "
                              f"{', '.join(builtin_spaces())}")
-        text, source = path.read_text(), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise SpaceError(f"search space {spec}: not a UTF-8 text file ({e.reason} at byte {e.start}); expected "
+                             "TOML") from None
+        except OSError as e:
+            raise SpaceError(f"search space {spec}: cannot read it: {e.strerror or e}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -305,6 +318,10 @@ def baselines(candidates: Sequence[Candidate], d_in: int, d_out: int, *, peft: b
               lora_ranks: Sequence[int] = ()) -> list[Candidate]:
     """What every run measures beside the candidates of one shape: the base layer, LoRA at the rank closest to
     each candidate's parameter count (plus ``lora_ranks``), and PEFT's C3A at each C3A block size."""
+    bad = [r for r in lora_ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+    if bad:
+        raise ValueError(f"LoRA rank {_short(bad[0])} is not a positive integer; accepted: ranks >= 1, e.g. "
+                         "--lora-ranks 4 8")
     ranks = {lora_rank_for(c.params(d_in, d_out), d_in, d_out) for c in candidates} | set(lora_ranks)
     out = [Candidate("none")] + [Candidate("lora", factors=r) for r in sorted(ranks)]
     if peft:

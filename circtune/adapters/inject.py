@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import FORMAT, AdapterConfig, AdapterConfigError, LayerConfig, load_config
+from ..config import AdapterConfig, AdapterConfigError, LayerConfig, load_config, problems_message
 from ._layer import CirculantLinear
 from .c3a import C3ALinear
 from .cdvft import CDVFTLinear
@@ -123,6 +123,16 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ValueError(f"adapter weights {path}: not a readable safetensors file ({e})") from None
 
 
+def stored_config(path: str, metadata: Mapping[str, str]) -> AdapterConfig:
+    """The adapter config that :func:`save_adapter` stored in a weights file's metadata."""
+    source = f"stored in {path}"
+    try:
+        config = json.loads(metadata.get("config", ""))
+    except json.JSONDecodeError as e:
+        raise AdapterConfigError(source, [f"not valid JSON ({e})"]) from None
+    return AdapterConfig.from_dict(config, source=source)
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load adapter weights saved by :func:`save_adapter`.
 
@@ -133,23 +143,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     path = os.fspath(path)
     weights, metadata = _read_weights(path)
     if metadata.get("format") != WEIGHTS_FORMAT:
-        raise ValueError(f"adapter weights {path}: format {metadata.get('format')!r} is not {WEIGHTS_FORMAT!r}")
+        raise ValueError(f"adapter weights {path}: format {metadata.get('format')!r} is not {WEIGHTS_FORMAT!r} "
+                         "(not written by circtune.save_adapter; a PEFT checkpoint loads with circtune.import_peft)")
     if not adapter_layers(model):
-        try:
-            config = json.loads(metadata.get("config", ""))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"adapter weights {path}: the stored config is not valid JSON ({e})") from None
-        if config.get("format") != FORMAT:
-            raise AdapterConfigError(path, [f"format: stored config has {config.get('format')!r}"])
-        apply_adapter(model, config)
+        apply_adapter(model, stored_config(path, metadata))
     own = adapter_state_dict(model)
     problems = [f"{k}: in the file, not in the model" for k in weights if k not in own]
     problems += [f"{k}: in the model, not in the file" for k in own if k not in weights]
     problems += [f"{k}: file has shape {list(weights[k].shape)}, model expects {list(v.shape)}"
                  for k, v in own.items() if k in weights and weights[k].shape != v.shape]
     if problems:
-        raise ValueError(f"adapter weights {path} do not fit {type(model).__name__}:\n"
-                         + "\n".join(f"  - {p}" for p in problems))
+        raise ValueError(problems_message(f"adapter weights {path} do not fit {type(model).__name__}", problems))
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(weights[k])

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 from .. import __version__
 from .._signals import interrupt
-from . import compare, demo, devices, models, profile, report, search
+from . import check, compare, demo, devices, models, profile, report, search
 
 # Each subcommand module provides NAME, HELP, add_arguments(parser) and run(args) -> int.
-SUBCOMMANDS = (search, profile, report, compare, models, devices, demo)
+SUBCOMMANDS = (search, profile, report, compare, check, models, devices, demo)
 
 
 class UsageError(Exception):

@@ -37,7 +37,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .._signals import deferred_interrupts
@@ -254,10 +254,27 @@ def storage_url(spec: str | os.PathLike) -> str:
     return f"sqlite:///{path}"
 
 
+def _check_sqlite_folder(url: str) -> None:
+    """A SQLite URL whose folder does not exist: say so (SQLite itself only says 'unable to open database file')."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # reported with the driver's own words when the engine is created
+        return
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
+        return
+    folder = Path(database).expanduser().absolute().parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot open the measurement store {masked_url(url)}: folder {folder} does not exist "
+                         "(create it, or pass a file path instead of a URL: its folder is created)")
+
+
 def masked_url(url: str) -> str:
     """The URL with its password replaced by ``***``, for messages, logs and output files."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        # Without a password, the URL as typed (rendering would escape it: sqlite:///file%3A/... for file:/...).
+        return url if parsed.password is None else parsed.render_as_string(hide_password=True)
     except Exception:  # not a URL SQLAlchemy can parse: say nothing that might be a secret
         return "<unparsable storage URL>"
 
@@ -267,6 +284,7 @@ class MeasurementStore:
 
     def __init__(self, url: str | os.PathLike):
         self.url = storage_url(url)
+        _check_sqlite_folder(self.url)
         try:
             # SQLite: writers from several processes wait for each other's short transactions instead of failing.
             kwargs = {"connect_args": {"timeout": 60}} if self.url.startswith("sqlite") else {}
@@ -278,6 +296,19 @@ class MeasurementStore:
             if isinstance(e, ModuleNotFoundError) and "psycopg" in str(e):
                 detail += " (PostgreSQL needs the driver: pip install 'circtune[postgres]')"
             raise ValueError(f"cannot open the measurement store {masked_url(self.url)}: {detail}") from None
+        self._check_writable()
+
+    def _check_writable(self) -> None:
+        """Fail at once, not after the first measurement, on a database that takes no writes (a read-only file or
+        folder, a read-only user or transaction): a write that changes nothing must be allowed."""
+        try:
+            with Session(self.engine) as s, s.begin():
+                s.execute(delete(_ClaimRow).where(_ClaimRow.key == ""))  # no claim has an empty key
+        except DBAPIError as e:
+            self.engine.dispose()
+            detail = str(e.orig).replace(self.url, masked_url(self.url)).splitlines()[0]
+            raise ValueError(f"the measurement store {masked_url(self.url)} is read-only ({detail}); circtune "
+                             "writes each measurement as it is taken: point --store at a writable database") from None
 
     def register_device(self, fingerprint: str, name: str, info: Mapping) -> None:
         try:

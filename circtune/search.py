@@ -391,9 +391,12 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
     """
     import optuna
 
+    from ._signals import note_kept
     from .measure.store import MeasurementStore, this_worker
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a trial fails only when the run is interrupted (the objective is arithmetic), and Optuna would log
+    # that with a traceback before the CLI's one-line summary.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     worker = worker or this_worker()
     labels = [[o.label for o in opts] for opts in problem.options]
     store = MeasurementStore(storage)
@@ -435,10 +438,15 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
         trial.set_user_attr("source", trial.user_attrs.get("source", "sampler"))
         return step_ms, mem_mb
 
+    def note(study, _trial) -> None:
+        done = len(complete_trials(study))
+        note_kept("study", f"{done} of {n_trials} trials in study {study_name}")
+
+    note(study, None)
     remaining = n_trials - len(complete_trials(study))
     if remaining > 0:
         stop = optuna.study.MaxTrialsCallback(n_trials, states=(optuna.trial.TrialState.COMPLETE,))
-        study.optimize(objective, n_trials=remaining, show_progress_bar=progress, callbacks=[stop])
+        study.optimize(objective, n_trials=remaining, show_progress_bar=progress, callbacks=[stop, note])
     return study
 
 

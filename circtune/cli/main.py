@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Sequence
 
 from .. import __version__
-from .._signals import interrupt
+from .._signals import interrupt, kept_summary, reset_kept
 from . import check, compare, demo, devices, models, profile, report, search
 
 # Each subcommand module provides NAME, HELP, add_arguments(parser) and run(args) -> int.
@@ -41,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # SIGTERM stops like Ctrl-C; both wait for a database write in progress to finish.
         signal.signal(signal.SIGTERM, interrupt)
         signal.signal(signal.SIGINT, interrupt)
+    reset_kept()
     parser, parsers = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -60,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parsers[args.command].print_usage(sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"circtune {args.command}: interrupted; everything measured or tried so far is kept in the store, "
-              "and re-running the same command continues from there", file=sys.stderr)
+        print(f"circtune {args.command}: interrupted; kept in the store: {kept_summary()}; re-running the same "
+              "command continues from there", file=sys.stderr)
         return 130
 
 

@@ -418,11 +418,9 @@ def test_the_same_command_on_its_own_folder_resumes_and_force_overwrites_another
     assert json.loads((folder / "out" / "profile.json").read_text())["model"]["spec"] == "tiny_models:TwoShapes"
 
 
-# Refusals that need a change outside the files of this change (proposed in its report): the profile/search output
-# folders do not yet record which command wrote them, --top and --claim-timeout of `circtune profile` are not
-# checked. Each runs on a copy, since today the command goes ahead and writes. strict: once the change is in, these
-# pass and the marker must go.
-PENDING = [
+# Another command's folder, and option values checked before anything runs. Each runs on a copy of the finished runs,
+# so that a refusal that fails to happen cannot damage the shared fixture.
+FOLDER_CLASHES = [
     (["profile", *PROFILE, "--space", "{run}/space.toml", "--out", "{search}"],
      "holds a run of another command 'search' (this run: 'profile')"),
     (["search", *SEARCH, *PROFILE, "--space", "{run}/space.toml", "--out", "{out}"],
@@ -436,9 +434,8 @@ PENDING = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the proposed change to circtune/cli/profile.py")
-@pytest.mark.parametrize("argv, message", PENDING, ids=_ids(PENDING))
-def test_pending_refusals(run_folder, tmp_path, capsys, argv, message):
+@pytest.mark.parametrize("argv, message", FOLDER_CLASHES, ids=_ids(FOLDER_CLASHES))
+def test_another_commands_folder_and_bad_profile_options_are_refused(run_folder, tmp_path, capsys, argv, message):
     folder = _copy(run_folder, tmp_path / "copy")
     before = _snapshot(folder)
     paths = {**_paths(folder, tmp_path), "run": folder}
@@ -462,8 +459,6 @@ def test_debug_shows_the_traceback_and_plain_mode_does_not(tmp_path, capsys):
     assert "nope.json: no such file or folder" in _error_line(err, "check")
 
 
-@pytest.mark.xfail(strict=True, reason="needs the proposed change to circtune/cli/main.py: the subcommand's own "
-                                       "--debug default (False) overwrites `circtune --debug COMMAND`")
 def test_debug_before_the_command_shows_the_traceback_too(tmp_path, capsys):
     code, err = _run(["--debug", "check", str(tmp_path / "nope.json")], capsys)
     assert code == 2 and "Traceback (most recent call last)" in err

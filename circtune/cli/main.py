@@ -29,7 +29,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parsers = {}
     for module in SUBCOMMANDS:
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
-        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        # SUPPRESS: without the flag, the subcommand leaves `circtune --debug COMMAND`'s value alone
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
         parsers[module.NAME] = p

@@ -19,10 +19,10 @@ CPU_DEFAULTS = {"tokens": 512, "warmup": 2, "min_reps": 15, "max_reps": 60, "min
 GPU_DEFAULTS = {"tokens": 4096, "warmup": 10, "min_reps": 30, "max_reps": 300, "min_time": 0.5}
 
 
-def check_output_folder(out: Path, spec: str, *, force: bool, **expected) -> None:
-    """Refuse an output folder that holds another run (another model, or for ``expected`` keys of
-    adapter_config.json, e.g. another budget) unless ``force``: its files would be overwritten. The same command
-    on its own folder is a resume."""
+def check_output_folder(out: Path, spec: str, *, force: bool, command: str | None = None, **expected) -> None:
+    """Refuse an output folder that holds another run (another model, another command: a profile's folder for a
+    search or the other way round, or for ``expected`` keys of adapter_config.json, e.g. another budget) unless
+    ``force``: its files would be overwritten. The same command on its own folder is a resume."""
     from .main import UsageError
 
     if force:
@@ -30,16 +30,20 @@ def check_output_folder(out: Path, spec: str, *, force: bool, **expected) -> Non
     found = {}
     try:
         if (out / "profile.json").is_file():
-            found["model"] = json.loads((out / "profile.json").read_text()).get("model", {}).get("spec")
-        if expected and (out / "adapter_config.json").is_file():
-            config = json.loads((out / "adapter_config.json").read_text())
-            found.update({k: config.get(k) for k in expected})
+            written = json.loads((out / "profile.json").read_text())
+            found["model"] = written.get("model", {}).get("spec")
+            found["command"] = written.get("subcommand")  # absent from runs written before it was recorded
+        if (out / "adapter_config.json").is_file():
+            found["command"] = "search"  # only a search writes one
+            if expected:
+                config = json.loads((out / "adapter_config.json").read_text())
+                found.update({k: config.get(k) for k in expected})
     except (OSError, ValueError, AttributeError) as e:
         raise UsageError(f"output folder {out} holds unreadable run files ({e}); use another --out or --force") \
             from None
-    wanted = {"model": spec, **expected}
+    wanted = {"model": spec, "command": command, **expected}
     clash = [f"{k} {found[k]!r} (this run: {wanted[k]!r})" for k in found if found[k] is not None
-             and found[k] != wanted[k]]
+             and wanted[k] is not None and found[k] != wanted[k]]
     if clash:
         raise UsageError(f"output folder {out} holds a run of another {', '.join(clash)}; use another --out, or "
                          "--force to overwrite its files")
@@ -77,7 +81,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", "--storage", dest="store", metavar="URL",
                    help="measurement store (and Optuna storage): a SQLAlchemy URL or a SQLite file path "
                         "(default: OUT/circtune.db)")
-    p.add_argument("--out", help="output folder (default: reports/<model>-<device>)")
+    p.add_argument("--out", help="output folder (default: reports/<model>-<device>; for circtune profile, "
+                                 "reports/<model>-<device>-profile)")
     timing = p.add_argument_group("timing (defaults fit the device)")
     timing.add_argument("--warmup", type=int, help="untimed steps first (CPU 2, GPU 10)")
     timing.add_argument("--min-reps", type=int, help="at least this many timed steps (CPU 15, GPU 30)")
@@ -123,6 +128,8 @@ def prepare(args: argparse.Namespace, overrides: dict | None = None, lora_budget
 
     for name in ("tokens", "batch_size", "seq_len", "threads", "min_reps", "max_reps", "warmup", "min_time"):
         _check("--" + name.replace("_", "-"), getattr(args, name), least=0 if name in ("warmup", "min_time") else 1)
+    if not args.claim_timeout >= 0:  # also refuses nan
+        raise UsageError(f"--claim-timeout must be zero or more, got {args.claim_timeout}")
     if (args.batch_size is None) != (args.seq_len is None):
         raise UsageError("--batch-size and --seq-len go together (tokens = batch size x sequence length)")
     if args.threads is not None:
@@ -141,8 +148,11 @@ def prepare(args: argparse.Namespace, overrides: dict | None = None, lora_budget
     if timing.min_reps > timing.max_reps:
         raise UsageError(f"--min-reps {timing.min_reps} is larger than --max-reps {timing.max_reps}")
     settings = ProfileSettings(tokens=tokens, dtypes=dtypes, device=device, timing=timing)
-    out = Path(args.out) if args.out else Path("reports") / f"{model.name}-{info.label}"
-    check_output_folder(out, model.spec, force=args.force, **(expected or {}))
+    # A profile's default folder is not a search's: each refuses the other's folder (check_output_folder).
+    suffix = "-profile" if getattr(args, "command", None) == "profile" else ""
+    out = Path(args.out) if args.out else Path("reports") / f"{model.name}-{info.label}{suffix}"
+    check_output_folder(out, model.spec, force=args.force, command=getattr(args, "command", None),
+                        **(expected or {}))
     store = MeasurementStore(args.store or out / "circtune.db")
     ranks = list(args.lora_ranks)
     if lora_budget is not None:  # the search's LoRA baseline: the rank that spends the budget on every target
@@ -183,7 +193,7 @@ def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget:
     summary = {
         "model": model.to_dict(), "space": asdict(space), "device": info.to_dict(), "store": masked_url(store.url),
         "tokens": settings.tokens, "dtypes": list(settings.dtypes), "timing": asdict(settings.timing),
-        "command": command_line(),
+        "command": command_line(), "subcommand": getattr(args, "command", None),
         "measured": result.measured, "reused": result.reused, "failed": len(result.failed),
         "excluded": {f"{p.d_in}x{p.d_out}": [{"what": e.what, "reason": e.reason} for e in p.excluded]
                      for p in plans},
@@ -194,7 +204,10 @@ def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget:
 
 def run(args: argparse.Namespace) -> int:
     from ..measure.summary import summary_table
+    from .main import UsageError
 
+    if args.top is not None and args.top < 1:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
     started = time.perf_counter()
     model, info, settings, out, store_url, plans, result, frame = profile(args)
     print(summary_table(frame, top=args.top))

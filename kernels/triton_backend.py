@@ -67,7 +67,13 @@ def block_size_reason(p: int, d_in: int, d_out: int) -> str | None:
 
 
 def triton_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    from .block_circulant_linear import block_circulant_linear
+    if torch.jit.is_tracing():
+        # A tracer (fvcore's forward FLOP count in the profiler) cannot follow a kernel launch, and under it the
+        # token count is a traced tensor that the launchers' autotune keys cannot use: trace the same product as
+        # plain torch ops (one GEMM per circulant factor, W0 fused as in the kernel), as the torch backend does.
+        from .block_circulant_linear import block_circulant_linear_reference as block_circulant_linear
+    else:
+        from .block_circulant_linear import block_circulant_linear
 
     base = layer.base_layer
     kernels = layer.circulant_factors()

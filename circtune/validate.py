@@ -13,6 +13,7 @@ the original ``nn.Linear`` s are put back, so every assignment runs on the same 
 
 from __future__ import annotations
 
+import gc
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .adapters.inject import _set_submodule, apply_adapter
 from .config import AdapterConfig
 from .measure.baselines import build_module
 from .measure.memory import peak_step_memory
+from .measure.profiler import NonFiniteError, failure_status
 from .measure.timing import Spread, TimingSettings, time_step
 from .space import Candidate
 
@@ -106,7 +108,9 @@ def _restore(model: nn.Module, originals: Mapping[str, nn.Linear]) -> None:
 def validate(model: nn.Module, targets: Sequence[str], plans: Sequence[Plan], *, batch: int, seq_len: int,
              dtype: torch.dtype, timing: TimingSettings, progress: bool = True) -> list[Validation]:
     """Measure one whole-model training step per plan (the base model's own step is the ``no adapter`` plan's).
-    A plan that fails (out of memory, NaN, an error) is recorded with the reason and the others go on."""
+    A plan that fails (out of memory, NaN/Inf in the output or the input gradient, a backend that fails to compile
+    or launch, any other error) is recorded as ``failed: <reason>`` (the profiler's wording: ``out of memory: ...``,
+    ``non-finite: ...``, ``<exception type>: ...``), its layers are taken off again and the others go on."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -119,23 +123,33 @@ def validate(model: nn.Module, targets: Sequence[str], plans: Sequence[Plan], *,
     results = []
     for plan in tqdm(plans, desc="validating", unit="model", disable=not progress, dynamic_ncols=True):
         torch.manual_seed(0)
+        optimizer = None
+        failed = False
         try:
             plan.apply(model)
             trainable = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
             timing_result, _ = time_step(step_module, x, grad, optimizer, timing)
             mem = peak_step_memory(step_module, x, grad, optimizer) / 2**20
-            if not torch.isfinite(step_module(x)).all():
-                raise FloatingPointError("the model's output has NaN/Inf")
+            gradient_finite = x.grad is None or bool(torch.isfinite(x.grad).all())  # of the last step
+            with torch.no_grad():
+                if not torch.isfinite(step_module(x)).all():
+                    raise NonFiniteError("the model's output has NaN/Inf")
+            if not gradient_finite:
+                raise NonFiniteError("the input gradient has NaN/Inf")
             results.append(Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms,
                                       plan.predicted_mem_mb, timing_result.step, mem))
-        except (RuntimeError, ValueError, FloatingPointError, MemoryError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        except Exception as e:  # out of memory, NaN/Inf, a backend that fails to compile or launch, ...
+            failed = True
+            reason = failure_status(e).removeprefix("error: ")
             results.append(Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms,
                                       plan.predicted_mem_mb, status=f"failed: {reason}"))
         finally:
             optimizer = None
+            x.grad = None
             _restore(model, originals)
+            if failed:
+                gc.collect()  # the traceback held the failed plan's layers and activations in cycles
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return results

@@ -98,8 +98,40 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+# How allocators word running out: CUDA ("CUDA out of memory"), torch's CPU allocator ("DefaultCPUAllocator: can't
+# allocate memory: you tried to allocate N bytes", a plain RuntimeError; older versions "not enough memory"), the OS.
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(e).lower()
+    if isinstance(e, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(e).lower()
+    return any(words in text for words in _OOM_WORDS)
+
+
+def _message(e: BaseException) -> str:
+    """The first line of ``e``'s message, at most 300 characters. A Triton ``CompilationError`` starts with a
+    source excerpt (``at 12:4:`` then the kernel's lines) and states the error last: its ``error_message`` is
+    appended, so that the status says what failed."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    detail = getattr(e, "error_message", None)
+    if isinstance(detail, str) and detail.strip():
+        detail = detail.strip().splitlines()[0].strip()
+        if detail not in text:
+            text = f"{text} {detail}" if text else detail
+    return (text or type(e).__name__)[:300]
+
+
+def failure_status(e: BaseException) -> str:
+    """The status of a configuration whose measurement raised ``e``: ``out of memory: ...`` (GPU or CPU),
+    ``non-finite: ...``, or ``error: <exception type>: ...`` (a backend that fails to compile or launch, ...)."""
+    if isinstance(e, NonFiniteError):
+        return f"non-finite: {_message(e)}"
+    if _is_oom(e):
+        return f"out of memory: {_message(e)}"
+    return f"error: {type(e).__name__}: {_message(e)}"
 
 
 def _check_finite(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -142,14 +174,9 @@ def measure_job(job: Job, settings: ProfileSettings, key: MeasurementKey, device
                            peak_mem_mb=peak, flops_fwd=flops and flops.fwd, flops_fwd_bwd=flops and flops.fwd_bwd,
                            reps=timing.reps, ref_fwd_ms=ref and ref.fwd.median, ref_bwd_ms=ref and ref.bwd.median,
                            ref_step_ms=ref and ref.step.median)
-    except NonFiniteError as e:
-        return Measurement(**record, status=f"non-finite: {e}")
-    except Exception as e:
+    except Exception as e:  # out of memory, NaN/Inf, a backend that fails to compile or launch, ...
         failed = True
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        if _is_oom(e):
-            return Measurement(**record, status=f"out of memory: {first}")
-        return Measurement(**record, status=f"error: {type(e).__name__}: {first}")
+        return Measurement(**record, status=failure_status(e))
     finally:
         del layer, x, grad, optimizer, base, reference
         if failed or device.type == "cuda":
@@ -164,7 +191,9 @@ def _init_child(threads: int) -> None:
 
 class IsolatedMeasurer:
     """Measures each job in a child process, so that a crash (a poisoned CUDA context, a segfault in a kernel)
-    takes down only the child: the job is recorded as crashed and a fresh child measures the next one."""
+    takes down only the child: the job is recorded as crashed and a fresh child measures the next one. A job that
+    fails without a crash also gets the child replaced: a sticky CUDA error (an illegal address, a launch failure)
+    raises once and leaves the context broken for every later kernel of that process."""
 
     def __init__(self):
         self._pool = None
@@ -183,15 +212,18 @@ class IsolatedMeasurer:
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            return self._executor().submit(measure_job, job, settings, key, device_name, build).result()
+            m = self._executor().submit(measure_job, job, settings, key, device_name, build).result()
         except BrokenProcessPool:
             self.close()
             return Measurement(key, "crashed: the measuring child process died", device_name,
                                job.candidate.params(job.d_in, job.d_out))
+        if not m.ok:
+            self.close(wait=True)  # the next job in a fresh child, once this one has exited and freed its memory
+        return m
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._signals import deferred_interrupts, note_kept
 from ..models import ModelInfo
 from ..space import DTYPES, Candidate, Exclusion, SearchSpace, baselines, expand
 from .baselines import build_module, peft_available
@@ -299,14 +300,18 @@ def _measure_all(todo, rows, result, store, settings, device_info, build, worker
                     continue
                 bar.set_postfix_str(f"{job.d_in}x{job.d_out} {job.dtype} {job.candidate.label}", refresh=False)
                 m = measure(job, settings, key, device_info.name, build)
-                if retry:
-                    store.delete(key)
-                if not store.add(m):  # stored by another worker after all: keep theirs
-                    m = store.get(key) or m
+                # A signal during the write is raised after the count, so the interrupt summary includes this row.
+                with deferred_interrupts():
+                    if retry:
+                        store.delete(key)
+                    if not store.add(m):  # stored by another worker after all: keep theirs
+                        m = store.get(key) or m
+                    rows[index] = m
+                    result.measured += 1
+                    note_kept("profile", f"{result.measured} configurations measured in this run "
+                                         f"({result.measured + result.reused} of {len(rows)} in the store)")
             finally:
                 store.release(key, worker)
-            rows[index] = m
-            result.measured += 1
             bar.update()
         if waiting and len(waiting) == len(todo):
             time.sleep(poll_s)  # every remaining job is being measured elsewhere

@@ -296,7 +296,8 @@ def test_a_search_stopped_mid_trial_then_rerun_loses_and_duplicates_nothing(tmp_
 
     def command(name):
         return ["search", "--model", str(folder), "--budget", "1500", "--space", str(space), "--tokens", "16",
-                "--warmup", "0", "--min-reps", "2", "--max-reps", "2", "--min-time", "0", "--trials", "80",
+                "--threads", "1", "--warmup", "0", "--min-reps", "2", "--max-reps", "2", "--min-time", "0",
+                "--trials", "80",
                 "--no-validate", "--quiet", "--store", str(store), "--study-name", name, "--out",
                 str(tmp_path / name)]
 

@@ -111,8 +111,8 @@ def test_a_claim_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
 
 def _profile_cmd(out, store):
     return ["profile", "--model", "tiny_models:two_shapes", "--targets", "up,square", "--space", "default",
-            "--tokens", "64", "--warmup", "0", "--min-reps", "3", "--max-reps", "3", "--min-time", "0",
-            "--no-peft", "--quiet", "--out", str(out), "--store", str(store)]
+            "--tokens", "64", "--threads", "1", "--warmup", "0", "--min-reps", "3", "--max-reps", "3",
+            "--min-time", "0", "--no-peft", "--quiet", "--out", str(out), "--store", str(store)]
 
 
 def _rows(store_path) -> int:

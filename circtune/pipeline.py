@@ -133,8 +133,8 @@ def validation_frame(results: Sequence[Validation], base: Validation | None, pic
 
 def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info, settings, out: Path, storage: str,
                frame: pd.DataFrame, batch: int, seq_len: int, dtype: str, command: str | None) -> dict:
-    """Everything after profiling; returns the summary that the CLI prints."""
-
+    """Everything after profiling; returns the summary that the CLI prints (or, when another worker writes or
+    wrote this study's outputs, ``{"skipped": why}``)."""
     here = frame[(frame.tokens == settings.tokens) & (frame.dtype == dtype)]
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     backends = [b.strip() for b in args.backends.split(",")] if args.backends else None

@@ -5,6 +5,7 @@ from collections import Counter
 
 import pandas as pd
 import pytest
+from tiny_models import tiny_roberta
 
 import circtune
 from circtune.cli.main import main
@@ -143,19 +144,28 @@ def test_study_picks_stay_in_the_window_and_a_rerun_resumes(tmp_path):
     assert {t.user_attrs.get("worker") for t in again.trials} == {this_worker()}
 
 
-def _tiny_roberta(tmp_path, *, hidden: int, layers: int):
-    """A folder with the config.json of a small RoBERTa (built offline from it)."""
-    folder = tmp_path / "tiny"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "roberta", "vocab_size": 50, "hidden_size": hidden, "num_hidden_layers": layers,
-        "num_attention_heads": hidden // 16, "intermediate_size": 2 * hidden, "max_position_embeddings": 40,
-        "type_vocab_size": 1}))
-    return folder
+TINY_SPACE = ('methods = ["c3a", "cdvft"]\nblock_sizes = [16, 32, 64]\nfactors = [2]\ntransforms = ["rfft"]\n'
+              'backends = ["torch", "dense"]\n')
+
+
+def tiny_search(tmp_path, store: str, trials: int):
+    """A maker of `circtune search` commands on a 2-layer tiny RoBERTa (budget 1500, 16 tokens, one thread, no
+    whole-model validation) on ``store``: ``command(name, study=name)`` writes to ``tmp_path/name``."""
+    folder = tiny_roberta(tmp_path / "tiny", hidden=64, layers=2)
+    space = tmp_path / "space.toml"
+    space.write_text(TINY_SPACE)
+
+    def command(name, study=None):
+        return ["search", "--model", str(folder), "--budget", "1500", "--space", str(space), "--tokens", "16",
+                "--threads", "1", "--warmup", "0", "--min-reps", "2", "--max-reps", "2", "--min-time", "0",
+                "--trials", str(trials), "--no-validate", "--quiet", "--store", store, "--study-name",
+                study or name, "--out", str(tmp_path / name)]
+
+    return command
 
 
 def test_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
-    folder = _tiny_roberta(tmp_path, hidden=64, layers=2)
+    folder = tiny_roberta(tmp_path / "tiny", hidden=64, layers=2)
     space = tmp_path / "space.toml"
     space.write_text('methods = ["c3a"]\nblock_sizes = [16, 32, 64]\ntransforms = ["rfft"]\n'
                      'backends = ["torch", "dense"]\n')
@@ -194,7 +204,7 @@ def test_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
 @pytest.mark.parametrize("budget, message", [("lots", "is not a number of parameters"),
                                              ("5", "budget 5 cannot be met")])
 def test_search_budget_errors(tmp_path, capsys, budget, message):
-    folder = _tiny_roberta(tmp_path, hidden=32, layers=1)
+    folder = tiny_roberta(tmp_path / "tiny", hidden=32, layers=1)
     space = tmp_path / "space.toml"
     space.write_text('methods = ["c3a"]\nblock_sizes = [32]\ntransforms = ["rfft"]\nbackends = ["torch"]\n')
     code = main(["search", "--model", str(folder), "--budget", budget, "--space", str(space), "--tokens", "8",
@@ -288,18 +298,8 @@ def test_a_search_stopped_mid_trial_then_rerun_loses_and_duplicates_nothing(tmp_
 
     import optuna
 
-    folder = _tiny_roberta(tmp_path, hidden=64, layers=2)
-    space = tmp_path / "space.toml"
-    space.write_text('methods = ["c3a", "cdvft"]\nblock_sizes = [16, 32, 64]\nfactors = [2]\ntransforms = ["rfft"]\n'
-                     'backends = ["torch", "dense"]\n')
     store = tmp_path / "m.db"
-
-    def command(name):
-        return ["search", "--model", str(folder), "--budget", "1500", "--space", str(space), "--tokens", "16",
-                "--threads", "1", "--warmup", "0", "--min-reps", "2", "--max-reps", "2", "--min-time", "0",
-                "--trials", "80",
-                "--no-validate", "--quiet", "--store", str(store), "--study-name", name, "--out",
-                str(tmp_path / name)]
+    command = tiny_search(tmp_path, str(store), trials=80)
 
     assert main(command("whole")) == 0  # profiles into the store, then the uninterrupted search
     rows = MeasurementStore(store).query()
@@ -362,23 +362,13 @@ def test_a_search_stopped_mid_trial_then_rerun_loses_and_duplicates_nothing(tmp_
 
 def run_search_workers(store_url: str, tmp_path, n_workers: int = 2, trials: int = 60):
     """``n_workers`` ``circtune search`` processes started together on one store and one study (each profiles
-    with claims, then joins the study); returns the model folder, the command maker and [(out, rc, stderr)]."""
+    with claims, then joins the study); returns the command maker and [(out, rc, stderr)]."""
     import subprocess
     import sys
 
-    folder = _tiny_roberta(tmp_path, hidden=64, layers=2)
-    space = tmp_path / "space.toml"
-    space.write_text('methods = ["c3a", "cdvft"]\nblock_sizes = [16, 32, 64]\nfactors = [2]\ntransforms = ["rfft"]\n'
-                     'backends = ["torch", "dense"]\n')
-
-    def command(name, study="shared"):
-        return ["search", "--model", str(folder), "--budget", "1500", "--space", str(space), "--tokens", "16",
-                "--threads", "1", "--warmup", "0", "--min-reps", "2", "--max-reps", "2", "--min-time", "0",
-                "--trials", str(trials), "--no-validate", "--quiet", "--store", store_url, "--study-name", study,
-                "--out", str(tmp_path / name)]
-
+    command = tiny_search(tmp_path, store_url, trials)
     MeasurementStore(store_url).close()  # the tables exist before the workers race
-    procs = [subprocess.Popen([sys.executable, "-m", "circtune.cli.main", *command(f"w{i}")], text=True,
+    procs = [subprocess.Popen([sys.executable, "-m", "circtune.cli.main", *command(f"w{i}", "shared")], text=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(n_workers)]
     results = []
     for i, p in enumerate(procs):

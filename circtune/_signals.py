@@ -1,19 +1,35 @@
 """Ctrl-C and SIGTERM stop a run between database writes, never inside one.
 
-The CLI routes both signals to :func:`interrupt`, and on interruption prints one line with what the run kept, as
-the profiler and the study note it (:func:`note_kept`). Inside :func:`deferred_interrupts` (a claim, a stored
-measurement, a release) the signal is only noted, and raised as KeyboardInterrupt when the write is done, so a
-stopped run never leaves a half-written row or a claim that no one releases.
+The CLI routes both signals to :func:`interrupt` (:func:`install`), and on interruption prints one line with what
+the run kept, as the profiler and the study note it (:func:`note_kept`). The signal is only noted, and raised as
+KeyboardInterrupt when the write is done, in two places:
+
+* inside :func:`deferred_interrupts` (a claim, a stored measurement, a release), so a stopped run never leaves a
+  half-written row or a claim that no one releases; raised when the block ends;
+* while the code running is a database library's (SQLAlchemy, its drivers) or Optuna's, including their
+  finalizers, which the garbage collector may run at any moment: raised there, the exception would be logged
+  with a traceback or swallowed, or would skip Optuna's clean-up (a heartbeat thread left running keeps the
+  process alive). Raised by a retry a few milliseconds later, once the code running is circtune's again (an
+  Optuna objective or callback, or after the library has returned).
+
+A second Ctrl-C while one is pending stops at once. :func:`check_interrupted` is the safety net for an interrupt
+swallowed anyway (a finalizer elsewhere): the study and the profiler call it between trials and measurements.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 _depth = 0
 _pending = False
+_raised = False
 _kept: dict[str, str] = {}
+_LIBRARIES = ("sqlalchemy", "psycopg", "psycopg2", "sqlite3", "alembic", "optuna")
+_RETRY = getattr(signal, "SIGALRM", None)  # the retry of a deferred interrupt (POSIX)
+_RETRY_S = 0.02
 
 
 def note_kept(what: str, text: str) -> None:
@@ -30,22 +46,58 @@ def reset_kept() -> None:
     _kept.clear()
 
 
+def install() -> None:
+    """Route SIGINT and SIGTERM (and the retry's SIGALRM) to :func:`interrupt`; call from the main thread."""
+    global _pending, _raised
+    _pending = _raised = False
+    for name in ("SIGINT", "SIGTERM", "SIGALRM"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), interrupt)
+
+
+def _in_library_code(frame) -> bool:
+    """Whether the code running at ``frame`` belongs to one of :data:`_LIBRARIES`: the first frame outward that is
+    not the standard library's (threading, contextlib, ...) decides."""
+    while frame is not None:
+        top = str(frame.f_globals.get("__name__", "")).partition(".")[0]
+        if top in _LIBRARIES:
+            return True
+        if top not in sys.stdlib_module_names:
+            return False
+        frame = frame.f_back
+    return False
+
+
 def interrupt(signum, frame) -> None:
-    global _pending
-    if _depth:
+    global _pending, _raised
+    retry = _RETRY is not None and signum == _RETRY
+    if retry and not _pending:  # already raised
+        return
+    if _depth:  # a write of ours in progress: raised when the block ends
         _pending = True
-    else:
+        return
+    if _RETRY is not None and _in_library_code(frame) and (retry or not _pending):
+        _pending = True  # raised by the retry, in circtune's code
+        signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
+        return
+    _pending, _raised = False, True
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt again if one was raised and the run is still going (it was swallowed)."""
+    if _raised:
         raise KeyboardInterrupt
 
 
 @contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    global _depth, _pending
+    global _depth, _pending, _raised
     _depth += 1
     try:
         yield
     finally:
         _depth -= 1
         if _depth == 0 and _pending:
-            _pending = False
+            _pending, _raised = False, True
             raise KeyboardInterrupt

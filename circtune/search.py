@@ -391,7 +391,7 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
     """
     import optuna
 
-    from ._signals import note_kept
+    from ._signals import check_interrupted, note_kept
     from .measure.store import MeasurementStore, this_worker
 
     # ERROR: a trial fails only when the run is interrupted (the objective is arithmetic), and Optuna would log
@@ -441,12 +441,17 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
     def note(study, _trial) -> None:
         done = len(complete_trials(study))
         note_kept("study", f"{done} of {n_trials} trials in study {study_name}")
+        check_interrupted()
 
     note(study, None)
     remaining = n_trials - len(complete_trials(study))
     if remaining > 0:
         stop = optuna.study.MaxTrialsCallback(n_trials, states=(optuna.trial.TrialState.COMPLETE,))
-        study.optimize(objective, n_trials=remaining, show_progress_bar=progress, callbacks=[stop, note])
+        try:
+            study.optimize(objective, n_trials=remaining, show_progress_bar=progress, callbacks=[stop, note])
+        except KeyboardInterrupt:  # the trial in flight may have been stored after the last note: count again
+            note(study, None)
+            raise
     return study
 
 

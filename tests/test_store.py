@@ -109,3 +109,31 @@ def pd_na():
     import pandas as pd
 
     return pd.NA
+
+
+def test_a_worker_that_loses_the_race_to_create_the_tables_opens_the_store(tmp_path):
+    """Two workers open a new database together: between SQLAlchemy's look for the tables and its CREATE, the other
+    worker creates them. The loser must look again and open the store, not fail with "table already exists"."""
+    from sqlalchemy import create_engine, event
+
+    from circtune.measure import store as store_module
+
+    path = tmp_path / "new.db"
+    other = create_engine(f"sqlite:///{path}")
+    raced = []
+
+    def the_other_worker_wins(metadata, connection, **kw):
+        if kw.get("tables") and not raced:  # the tables this worker found missing: the other one creates them first
+            raced.append(len(kw["tables"]))
+            metadata.create_all(other)
+
+    event.listen(store_module._Base.metadata, "before_create", the_other_worker_wins)
+    try:
+        store = MeasurementStore(path)
+    finally:
+        event.remove(store_module._Base.metadata, "before_create", the_other_worker_wins)
+        other.dispose()
+    assert raced and raced[0] >= 3  # the race happened, on every table
+    c3a = Candidate("c3a", 16, None, "rfft", "torch")
+    assert store.add(ok(key(c3a), 5.0)) and store.get(key(c3a)).step.median == 5.0
+    store.close()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 import traceback
 from collections.abc import Sequence
 
 from .. import __version__
-from .._signals import interrupt, kept_summary, reset_kept
+from .._signals import install, kept_summary, reset_kept
 from . import check, compare, demo, devices, models, profile, report, search
 
 # Each subcommand module provides NAME, HELP, add_arguments(parser) and run(args) -> int.
@@ -40,8 +39,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         # SIGTERM stops like Ctrl-C; both wait for a database write in progress to finish.
-        signal.signal(signal.SIGTERM, interrupt)
-        signal.signal(signal.SIGINT, interrupt)
+        install()
     reset_kept()
     parser, parsers = build_parser()
     args = parser.parse_args(argv)

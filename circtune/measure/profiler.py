@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .._signals import deferred_interrupts, note_kept
+from .._signals import check_interrupted, deferred_interrupts, note_kept
 from ..models import ModelInfo
 from ..space import DTYPES, Candidate, Exclusion, SearchSpace, baselines, expand
 from .baselines import build_module, peft_available
@@ -313,6 +313,7 @@ def _measure_all(todo, rows, result, store, settings, device_info, build, worker
             finally:
                 store.release(key, worker)
             bar.update()
+            check_interrupted()
         if waiting and len(waiting) == len(todo):
             time.sleep(poll_s)  # every remaining job is being measured elsewhere
         todo = [(i, j, k, False) for i, j, k, _ in waiting]

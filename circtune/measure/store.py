@@ -279,6 +279,21 @@ def masked_url(url: str) -> str:
         return "<unparsable storage URL>"
 
 
+def _create_tables(engine, attempts: int = 5) -> None:
+    """Create circtune's tables where missing. Workers opening a new database together race between SQLAlchemy's
+    look for a table and its CREATE: the loser sees "already exists" (SQLite, PostgreSQL) or a duplicate key in
+    PostgreSQL's catalogue, and looks again, when the tables are there."""
+    for attempt in range(attempts):
+        try:
+            _Base.metadata.create_all(engine)
+            return
+        except DBAPIError as e:
+            text = str(e.orig).lower()
+            if attempt == attempts - 1 or not ("already exists" in text or "duplicate key" in text):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 class MeasurementStore:
     """Measurements and device fingerprints in one SQL database (created on first use)."""
 
@@ -290,7 +305,7 @@ class MeasurementStore:
             kwargs = {"connect_args": {"timeout": 60}} if self.url.startswith("sqlite") else {}
             self.engine = create_engine(self.url, **kwargs)
             sqlite_pragmas(self.engine)
-            _Base.metadata.create_all(self.engine)
+            _create_tables(self.engine)
         except Exception as e:  # a bad URL, a missing driver, an unreachable server: say which store
             detail = str(e).replace(self.url, masked_url(self.url)).splitlines()[0]
             if isinstance(e, ModuleNotFoundError) and "psycopg" in str(e):

@@ -68,8 +68,16 @@ def _in_library_code(frame) -> bool:
     return False
 
 
-def interrupt(signum, frame) -> None:
+def _raise() -> None:
     global _pending, _raised
+    _pending, _raised = False, True
+    if _RETRY is not None:  # a retry still armed would find the default SIGALRM action at exit, and kill
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    raise KeyboardInterrupt
+
+
+def interrupt(signum, frame) -> None:
+    global _pending
     retry = _RETRY is not None and signum == _RETRY
     if retry and not _pending:  # already raised
         return
@@ -80,8 +88,16 @@ def interrupt(signum, frame) -> None:
         _pending = True  # raised by the retry, in circtune's code
         signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
         return
-    _pending, _raised = False, True
-    raise KeyboardInterrupt
+    _raise()
+
+
+def disarm() -> None:
+    """Forget an interrupt still waiting for a library to return: the command finished first. (An armed retry
+    would otherwise fire at exit, after Python restored SIGALRM's default action, which kills.)"""
+    global _pending
+    _pending = False
+    if _RETRY is not None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def check_interrupted() -> None:
@@ -92,12 +108,11 @@ def check_interrupted() -> None:
 
 @contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    global _depth, _pending, _raised
+    global _depth
     _depth += 1
     try:
         yield
     finally:
         _depth -= 1
         if _depth == 0 and _pending:
-            _pending, _raised = False, True
-            raise KeyboardInterrupt
+            _raise()

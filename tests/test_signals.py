@@ -110,3 +110,25 @@ def test_an_interrupt_swallowed_by_a_finalizer_is_raised_again_between_steps(ins
         _signals.check_interrupted()
     _signals.install()  # a new run starts clean
     _signals.check_interrupted()
+
+
+def library_frame(name):
+    namespace = {"__name__": name}
+    exec("import sys\ndef here():\n    return sys._getframe()", namespace)
+    return namespace["here"]()
+
+
+def test_no_retry_is_left_armed_after_the_interrupt_or_the_command(installed):
+    """An armed retry that outlives the command fires at exit, after Python restored SIGALRM's default action, and
+    kills the process (exit -14 instead of 130)."""
+    frame = library_frame("sqlalchemy.orm.session")
+    _signals.interrupt(signal.SIGTERM, frame)  # waits for the library: a retry is armed
+    assert signal.getitimer(signal.ITIMER_REAL)[0] > 0
+    with pytest.raises(KeyboardInterrupt):
+        with _signals.deferred_interrupts():  # raised by a write of ours ending first
+            pass
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    _signals.interrupt(signal.SIGTERM, frame)
+    _signals.disarm()  # the command finished before the retry
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    spin(0.05)  # nothing raised later

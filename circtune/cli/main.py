@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Sequence
 
 from .. import __version__
-from .._signals import install, kept_summary, reset_kept
+from .._signals import disarm, install, kept_summary, reset_kept
 from . import check, compare, demo, devices, models, profile, report, search
 
 # Each subcommand module provides NAME, HELP, add_arguments(parser) and run(args) -> int.
@@ -63,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"circtune {args.command}: interrupted; kept in the store: {kept_summary()}; re-running the same "
               "command continues from there", file=sys.stderr)
         return 130
+    finally:
+        disarm()
 
 
 if __name__ == "__main__":

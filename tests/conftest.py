@@ -9,8 +9,8 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _threads():
-    """`circtune ... --threads N` run in-process sets torch's thread count for the process; put it back, since the
-    CPU fingerprint (and so every store key) includes the thread count."""
+    """A test that sets torch's thread count (worker helpers do) would change the CPU fingerprint, and so every store
+    key, for the tests after it: put it back. (`main()` itself restores it after `--threads`, see test_cli.)"""
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from circtune.cli.main import main
@@ -52,6 +54,21 @@ def test_profile_writes_csv_and_a_second_run_measures_nothing(tmp_path, capsys):
 
     assert main(_profile_args(tmp_path)) == 0
     assert f"0 measured, {len(frame)} already in the store" in capsys.readouterr().out
+
+
+def test_threads_apply_to_the_command_only(tmp_path, capsys):
+    """`main()` called from a program (a notebook, a test) leaves torch's thread count as it found it: the CPU
+    fingerprint, and so every key in the store, includes it."""
+    import torch
+
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    assert main(_profile_args(tmp_path, "--threads", str(other))) == 0
+    assert torch.get_num_threads() == before
+    assert f"({other} threads)" in capsys.readouterr().err
+    assert main(_profile_args(tmp_path, "--threads", str(other))) == 0  # the same fingerprint: nothing measured
+    assert re.search(r"(^|\s)0 measured, \d+ already in the store", capsys.readouterr().out)
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize("extra, message", [

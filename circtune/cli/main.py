@@ -65,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         disarm()
+        if getattr(args, "threads_before", None):  # --threads: torch's setting is the process's, not the command's
+            sys.modules["torch"].set_num_threads(args.threads_before)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,7 @@ def prepare(args: argparse.Namespace, overrides: dict | None = None, lora_budget
     if (args.batch_size is None) != (args.seq_len is None):
         raise UsageError("--batch-size and --seq-len go together (tokens = batch size x sequence length)")
     if args.threads is not None:
+        args.threads_before = torch.get_num_threads()  # put back by main() (a caller's process keeps going)
         torch.set_num_threads(args.threads)
     model = resolve_model(args.model, _split(args.targets))
     space = load_space(args.space)

@@ -328,13 +328,14 @@ MAX_RETRY = 3
 
 def study_storage(url: str, heartbeat_s: int = HEARTBEAT_S):
     """Optuna's ``RDBStorage`` on ``url`` with heartbeats and a retry callback for trials left stale by a dead
-    worker; SQLite files get the store's write-ahead-log pragmas
-    (:func:`~circtune.measure.store.sqlite_pragmas`)."""
+    worker; SQLite files get the store's write-ahead-log pragmas and transactions that take the write lock first
+    (:func:`~circtune.measure.store.sqlite_pragmas`, :func:`~circtune.measure.store.sqlite_immediate_transactions`),
+    so that Optuna's read-then-write steps are atomic across workers."""
     import warnings
 
     import optuna
 
-    from .measure.store import sqlite_pragmas
+    from .measure.store import sqlite_immediate_transactions, sqlite_pragmas
 
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     with warnings.catch_warnings():  # heartbeats and the retry callback are marked experimental
@@ -343,6 +344,7 @@ def study_storage(url: str, heartbeat_s: int = HEARTBEAT_S):
             url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
     sqlite_pragmas(storage.engine)
+    sqlite_immediate_transactions(storage.engine)
     return storage
 
 

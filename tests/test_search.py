@@ -256,6 +256,46 @@ def check_shared_study(storage: str, n: int, picks: list) -> None:
     assert all(problem.totals(p)[1] == pytest.approx(best.step_ms) for p in picks)  # the single-worker pick
 
 
+def test_two_workers_never_both_pop_one_enqueued_trial(tmp_path):
+    """Optuna marks an enqueued trial running by reading its state "for update", then writing it. Worker A reads;
+    worker B pops the same trial before A writes. On SQLite the read must hold the write lock (a plain pysqlite
+    SELECT runs outside any transaction), or both workers run the trial (CI: "Cannot tell a COMPLETE trial")."""
+    import threading
+
+    import optuna
+    from sqlalchemy import event
+
+    from circtune.search import study_storage
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    a, b = study_storage(url), study_storage(url)
+    study = optuna.create_study(study_name="s", storage=a)
+    study.enqueue_trial({"x": 1.0})
+    trial_id = study.get_trials(deepcopy=False)[0]._trial_id
+    b_may_go, b_done = threading.Event(), threading.Event()
+
+    def a_pauses_after_reading(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("SELECT") and "trials" in statement and not b_may_go.is_set():
+            b_may_go.set()
+            b_done.wait(timeout=1.0)  # B either pops the trial now, or waits for A's transaction (the fix)
+
+    event.listen(a.engine, "after_cursor_execute", a_pauses_after_reading)
+    popped = {}
+
+    def pop_b():
+        b_may_go.wait(timeout=30)
+        popped["b"] = b.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING)
+        b_done.set()
+
+    thread = threading.Thread(target=pop_b)
+    thread.start()
+    popped["a"] = a.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING)
+    thread.join(timeout=60)
+    assert b_may_go.is_set() and sorted(popped.values()) == [False, True]  # one worker runs it, once
+    a.engine.dispose()
+    b.engine.dispose()
+
+
 def test_two_search_workers_share_one_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     picks = run_two_search_workers(storage, 40)

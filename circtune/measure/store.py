@@ -244,6 +244,29 @@ def sqlite_pragmas(engine) -> None:
     engine.dispose()  # connections opened before now reconnect with the pragmas
 
 
+def _driver_autocommit(dbapi_connection, _record) -> None:
+    dbapi_connection.isolation_level = None  # pysqlite begins no transaction of its own: SQLAlchemy's "begin" does
+
+
+def _begin_immediate(connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def sqlite_immediate_transactions(engine) -> None:
+    """On a SQLite engine, every transaction starts with ``BEGIN IMMEDIATE``, taking the write lock first.
+
+    Python's sqlite3 driver opens a transaction only at the first write, so a read followed by a write is two
+    steps that another process can come between. Optuna's storage relies on that pair being atomic (it reads a
+    waiting trial's state "for update", then marks it running), and two workers have both popped the same
+    enqueued trial that way. With this, the second waits for the first to commit, then sees the trial running.
+    Other databases are left alone (PostgreSQL honours FOR UPDATE)."""
+    if engine.dialect.name != "sqlite" or event.contains(engine, "begin", _begin_immediate):
+        return
+    event.listen(engine, "connect", _driver_autocommit)
+    event.listen(engine, "begin", _begin_immediate)
+    engine.dispose()
+
+
 def storage_url(spec: str | os.PathLike) -> str:
     """A SQLAlchemy URL as given, or ``sqlite:///<path>`` for a file path (its folder is created)."""
     spec = str(spec)

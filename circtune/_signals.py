@@ -9,11 +9,12 @@ KeyboardInterrupt when the write is done, in two places:
 * while the code running is a database library's (SQLAlchemy, its drivers) or Optuna's, including their
   finalizers, which the garbage collector may run at any moment: raised there, the exception would be logged
   with a traceback or swallowed, or would skip Optuna's clean-up (a heartbeat thread left running keeps the
-  process alive). Raised by a retry a few milliseconds later, once the code running is circtune's again (an
-  Optuna objective or callback, or after the library has returned).
+  process alive). Raised at the next :func:`check_interrupted` (the next trial or measurement), or by a retry
+  every few milliseconds that finds circtune's own code running.
 
-A second Ctrl-C while one is pending stops at once. :func:`check_interrupted` is the safety net for an interrupt
-swallowed anyway (a finalizer elsewhere): the study and the profiler call it between trials and measurements.
+A second Ctrl-C while one is pending stops at once. The study and the profiler also call :func:`check_interrupted`
+at each trial and measurement: it raises a pending interrupt there, and raises again one that a finalizer elsewhere
+swallowed.
 """
 
 from __future__ import annotations
@@ -101,9 +102,12 @@ def disarm() -> None:
 
 
 def check_interrupted() -> None:
-    """Raise KeyboardInterrupt again if one was raised and the run is still going (it was swallowed)."""
-    if _raised:
-        raise KeyboardInterrupt
+    """Raise a pending interrupt now, or again one that was raised while the run is still going (a finalizer
+    swallowed it). The study calls this at the start of each trial and after it, the profiler after each
+    measurement: points where stopping loses nothing stored, and that come round every few milliseconds, whereas
+    the retry may find library code running many times over (Optuna's sampler and storage take most of a trial)."""
+    if (_pending and not _depth) or _raised:
+        _raise()
 
 
 @contextmanager

@@ -428,6 +428,7 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
         store.close()
 
     def objective(trial) -> tuple[float, float]:
+        check_interrupted()  # a signal that came during Optuna's own work stops here: the trial is recorded failed
         trial.set_user_attr("worker", worker)
         proposed = [labels[i].index(trial.suggest_categorical(layer.name, labels[i]))
                     for i, layer in enumerate(problem.layers)]

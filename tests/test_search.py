@@ -328,8 +328,9 @@ def test_a_search_stopped_mid_trial_then_rerun_loses_and_duplicates_nothing(tmp_
     """Stop a search in the middle of a trial, after some stored ones; the same command again finishes the study,
     keeps every trial it had unchanged, measures nothing again, and picks what an uninterrupted run on the same
     measurements picks. SIGKILL leaves the trial in flight running: the re-run fails it and runs it again from
-    its parameters. SIGINT and SIGTERM stop with exit 130 and a one-line summary; Optuna records the trial in
-    flight as failed, and no lock is left behind."""
+    its parameters. SIGINT and SIGTERM stop with exit 130 and a one-line summary, and no lock is left behind: a
+    signal that comes while Optuna's code runs (here, suggesting) waits for the trial's end, so the trial in flight
+    is stored; one that comes in circtune's objective stops the trial, which Optuna records as failed."""
     import signal
     import sqlite3
     import subprocess

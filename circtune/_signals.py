@@ -70,10 +70,9 @@ def _in_library_code(frame) -> bool:
 
 
 def _raise() -> None:
-    global _pending, _raised
-    _pending, _raised = False, True
-    if _RETRY is not None:  # a retry still armed would find the default SIGALRM action at exit, and kill
-        signal.setitimer(signal.ITIMER_REAL, 0)
+    global _raised
+    disarm()  # nothing left pending, no retry left armed
+    _raised = True
     raise KeyboardInterrupt
 
 

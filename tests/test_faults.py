@@ -59,6 +59,12 @@ def no_automatic_gc():
         gc.enable()
 
 
+def measured_statuses(out) -> tuple[pd.DataFrame, dict[str, str]]:
+    """A run's measurements.csv, and each configuration's status by its label."""
+    frame = pd.read_csv(out / "measurements.csv", keep_default_na=False)
+    return frame, {row_candidate(r).label: r["status"] for r in frame.to_dict("records")}
+
+
 def _stack() -> set[str]:
     """Names of the functions on the caller's stack: where a fault fired."""
     names, frame = set(), sys._getframe(1)
@@ -185,8 +191,7 @@ def test_triton_compile_and_launch_failures_are_recorded_and_the_search_goes_on(
                  "--out", str(out)])
     assert code == 0, capsys.readouterr().err
 
-    frame = pd.read_csv(out / "measurements.csv", keep_default_na=False)
-    status = {row_candidate(r).label: r["status"] for r in frame.to_dict("records")}
+    frame, status = measured_statuses(out)
     assert {k: v for k, v in status.items() if v != "ok"} == TRITON_FAILED
     assert status["cdvft p=32 m=2 triton"] == "ok"  # the kernels still run after three failures
     assert len(status) == len(frame) > len(TRITON_FAILED) + 4  # every candidate and baseline has its row
@@ -290,8 +295,7 @@ def test_search_isolate_records_a_crashed_child_and_never_picks_it(tmp_path, mon
                  "--out", str(out)])
     assert code == 0, capsys.readouterr().err
 
-    frame = pd.read_csv(out / "measurements.csv", keep_default_na=False)
-    status = {row_candidate(r).label: r["status"] for r in frame.to_dict("records")}
+    frame, status = measured_statuses(out)
     assert status.pop("c3a p=16 dense") == "crashed: the measuring child process died"
     assert status and set(status.values()) == {"ok"}  # measured by a fresh child after the crash
 

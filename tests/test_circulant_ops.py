@@ -81,11 +81,64 @@ def test_low_precision_inputs_return_their_dtype(transform, dtype, atol, rtol):
 def test_compute_dtype_policy():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert compute_dtype(torch.bfloat16, 64, cuda) == torch.float32  # cuFFT has no bf16
-    assert compute_dtype(torch.float16, 64, cuda) == torch.float16  # cuFFT half: powers of two only
+    # cuFFT has half for powers of two, but a half transform overflows on loss-scaled gradients (see below).
+    assert compute_dtype(torch.float16, 64, cuda) == torch.float32
     assert compute_dtype(torch.float16, 48, cuda) == torch.float32
     assert compute_dtype(torch.float16, 64, cpu) == torch.float32  # the CPU FFT has no half at all
     assert compute_dtype(torch.float64, 48, cpu) == torch.float64
     assert compute_dtype(torch.float32, 48, cpu) == torch.float32
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_fp16_loss_scaled_gradients_stay_finite(device, transform):
+    """A loss-scaled fp16 gradient: every value (4096) and every result fit fp16, but the zero-frequency bin of a
+    block sums p = 64 of them (262144 > 65504): a transform in fp16 would give inf, and inf·0 = NaN. The kernel
+    [1, -1, 0, ...] makes the true input gradient exactly 0 for a constant g, and its own gradient 0 too."""
+    p, q = 64, 2
+    w = torch.zeros(q, q, p, device=device)
+    w[:, :, 0], w[:, :, 1] = 1.0, -1.0
+    w.requires_grad_()
+    x = torch.full((8, q * p), 4096.0, device=device, dtype=torch.float16, requires_grad=True)
+    y = block_circulant_product(x, w, transform=transform)
+    y.backward(torch.full_like(y, 4096.0))
+    for what, t in (("forward", y), ("input gradient", x.grad), ("kernel gradient", w.grad)):
+        assert torch.isfinite(t).all(), what
+    assert float(y.abs().max()) == 0 and float(x.grad.abs().max()) == 0
+
+
+def test_circulant_index_is_built_once_per_device():
+    """The dense route's gather index lives on the layer's device: the second forward and backward move nothing
+    between devices (on a GPU that was two blocking host-to-device copies per step). The meta device stands in for
+    a GPU (every tensor of the step is on it): an op taking a CPU tensor is such a copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from circtune.adapters._circulant import circulant_index
+
+    class FromCPU(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves((args, kwargs))):
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def step():
+        w = torch.randn(3, 2, 8, device="meta", requires_grad=True)
+        x = torch.randn(5, 16, device="meta", requires_grad=True)
+        block_circulant_product_dense(x, w, scale=0.5).backward(torch.randn(5, 24, device="meta"))
+
+    step()
+    with FromCPU() as mode:
+        step()
+    assert mode.ops == []
+    index = circulant_index(8, "meta")
+    assert index.device.type == "meta" and circulant_index(8, torch.device("meta")) is index
+    assert circulant_index(8, "cpu") is circulant_index(8)
+    assert torch.equal(circulant_index(8), (torch.arange(8).view(1, 8) - torch.arange(8).view(8, 1)) % 8)
 
 
 def test_bad_arguments_are_named():

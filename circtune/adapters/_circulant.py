@@ -39,10 +39,27 @@ def _circulant_index_cpu(p: int) -> torch.Tensor:
     return (t - u) % p  # [p(row u), p(col t)]
 
 
+# One copy per (p, device): built on the device once, so a dense forward or backward on a GPU does no blocking
+# host-to-device copy inside the timed region. p·p int64 each (8 MiB at p = 1024); the least recently used go.
+_DEVICE_INDEX_CACHE = 64
+
+
+@functools.lru_cache(maxsize=_DEVICE_INDEX_CACHE)
+def _circulant_index_on(p: int, device: torch.device) -> torch.Tensor:
+    return _circulant_index_cpu(p).to(device)
+
+
 def circulant_index(p: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``idx[u, t] = (t - u) mod p``: the kernel entry that sits at row ``u``, column ``t`` of a block."""
+    """``idx[u, t] = (t - u) mod p``: the kernel entry that sits at row ``u``, column ``t`` of a block.
+
+    Cached per (p, device); the result is shared, so callers must not modify it."""
     # int(): under jit tracing sizes are 0-d tensors, hashed by identity: every trace would add a cache entry.
-    return _circulant_index_cpu(int(p)).to(device)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _circulant_index_cpu(int(p))
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:N" name one tensor: one cache entry
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _circulant_index_on(int(p), device)
 
 
 def _gather_block_circulant(w: torch.Tensor) -> torch.Tensor:
@@ -81,13 +98,14 @@ def block_circulant_matrix(w: torch.Tensor) -> torch.Tensor:
 def compute_dtype(dtype: torch.dtype, p: int, device: torch.device) -> torch.dtype:
     """The real dtype the transforms run in for activations of ``dtype``.
 
-    torch.fft has no bfloat16 at all, and float16 only on CUDA (cuFFT) for power-of-two lengths; everything
-    else is upcast to float32. float64 stays float64 (gradcheck).
+    torch.fft has no bfloat16 at all, and float16 only on CUDA (cuFFT) for power-of-two lengths. float16 is
+    upcast anyway: the zero-frequency bin sums all p values of a block, so a loss-scaled gradient (scales of 2^16
+    are usual) overflows float16's 65504 in the transform although every value and the result fit. So bf16 and
+    fp16 both transform in float32 (``dtype``, ``p`` and ``device`` no longer change that, the signature stays);
+    float64 stays float64 (gradcheck).
     """
     if dtype == torch.float64:
         return torch.float64
-    if dtype == torch.float16 and device.type == "cuda" and p & (p - 1) == 0:
-        return torch.float16
     return torch.float32
 
 

@@ -1,5 +1,7 @@
 """Equality with PEFT's C3A (forward only: PEFT's hand-written backward is wrong for p > 2) and conversion."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -47,7 +49,17 @@ def _net():
 def test_to_peft_config_has_one_pattern_per_layer():
     pc = circtune.to_peft_config(CONFIG)
     assert pc.block_size == 32 and set(pc.target_modules) == {"block.a", "block.b", "head"}
-    assert pc.block_size_pattern == {r"(?<=^block\.)a": 32, r"(?<=^block\.)b": 16}
+    assert list(pc.block_size_pattern.values()) == [32, 16]
+
+    def block_size(module_name):  # PEFT 0.21's C3A: the first key k with re.match(rf".*\.{k}$", name), else block_size
+        hits = [p for k, p in pc.block_size_pattern.items() if re.match(rf".*\.{k}$", module_name)]
+        return hits[0] if hits else pc.block_size
+
+    # Each key matches its layer in the model and under any prefix (a task model around it), nothing else.
+    assert [block_size(n) for n in ("block.a", "block.b", "net.block.a", "net.block.b", "m.net.block.b")] == \
+        [32, 16, 32, 16, 16]
+    assert not any(re.match(rf".*\.{k}$", n) for k in pc.block_size_pattern
+                   for n in ("xblock.b", "block.bb", "block.b.c", "block.a.b", "netblock.b"))
     cfg = {**CONFIG, "layers": {**CONFIG["layers"], "head": {"method": "cdvft", "block_size": 32}}}
     with pytest.raises(ValueError, match=r"only express C3A layers; these are not: head \(cdvft\)"):
         circtune.to_peft_config(cfg)

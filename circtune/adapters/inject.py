@@ -1,11 +1,19 @@
-"""Put adapters into a model from a config, save and load their weights, merge them away."""
+"""Put adapters into a model from a config, save and load their weights, merge them away.
+
+The model is the base model the config was written for (``RobertaModel``) or a task model built on it
+(``RobertaForSequenceClassification``): the config's layer names are found under one prefix (see
+:func:`circtune.adapters.task.resolve_prefix`), and the task head can be trained and saved with the adapter
+(``modules_to_save``, as in PEFT). Everything is checked before anything changes: a call that fails leaves the model
+exactly as it was (same modules, same ``requires_grad`` flags, same values).
+"""
 
 from __future__ import annotations
 
-import difflib
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
@@ -16,8 +24,18 @@ from ..config import AdapterConfig, AdapterConfigError, LayerConfig, load_config
 from ._layer import CirculantLinear
 from .c3a import C3ALinear
 from .cdvft import CDVFTLinear
+from .task import default_heads, resolve_prefix
 
 WEIGHTS_FORMAT = "circtune.adapter-weights/1"
+# Set on a model by apply_adapter/load_adapter/import_peft: where the config's layer names were found, and which
+# modules train (and are saved) with the adapter.
+PREFIX_ATTR = "circtune_prefix"
+HEADS_ATTR = "circtune_modules_to_save"
+# Set on the base model inside an adapted task model: (task model class, prefix), so that exporting the inner model
+# alone (whose names lack the prefix) can be refused.
+WITHIN_ATTR = "circtune_adapted_within"
+
+log = logging.getLogger("circtune")
 
 
 def build_layer(base: nn.Linear, lc: LayerConfig) -> CirculantLinear:
@@ -41,6 +59,7 @@ def adapter_layers(model: nn.Module) -> dict[str, CirculantLinear]:
 
 
 def config_from_model(model: nn.Module, base_model: str | None = None, **metadata) -> AdapterConfig:
+    """The config of ``model``'s adapter layers, under their names in ``model``."""
     layers = {name: layer_config(m) for name, m in adapter_layers(model).items()}
     return AdapterConfig(base_model or type(model).__name__, layers, metadata)
 
@@ -50,41 +69,118 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def apply_adapter(model: nn.Module, config: AdapterConfig | Mapping | str | os.PathLike) -> nn.Module:
+def _head_problems(model: nn.Module, modules: Mapping[str, nn.Module], heads: Iterable, targets: Iterable[str],
+                   ) -> list[str]:
+    problems = []
+    for h in heads:
+        key = f"modules_to_save[{h!r}]"
+        if not isinstance(h, str) or not h:
+            problems.append(f"{key}: expected the non-empty name of a module of {type(model).__name__}")
+        elif h not in modules:
+            problems.append(f"{key}: {type(model).__name__} has no module of that name; accepted: its top-level "
+                            f"modules {', '.join(n for n, _ in model.named_children())} or a dotted name below")
+        else:
+            inside = [t for t in targets if t == h or t.startswith(h + ".") or h.startswith(t + ".")]
+            if inside or isinstance(modules[h], CirculantLinear):
+                problems.append(f"{key}: overlaps the adapter layer {(inside or [h])[0]!r}; a module is either "
+                                "adapted or trained in full")
+    return problems
+
+
+@dataclass
+class _Plan:
+    """Adapter layers built but not yet in the model: :meth:`commit` puts them in, :meth:`rollback` undoes the one
+    side effect of building them (their base layers were frozen)."""
+
+    model: nn.Module
+    prefix: str
+    built: dict[str, CirculantLinear]  # full module name -> layer
+    heads: tuple[str, ...]  # full module names
+    flags: dict[nn.Parameter, bool]
+
+    def rollback(self) -> None:
+        for p, flag in self.flags.items():
+            p.requires_grad_(flag)
+
+    def commit(self) -> None:
+        model = self.model
+        # Freeze before swapping in: the new layers' own parameters are not in the model yet and stay trainable.
+        model.requires_grad_(False)
+        for name, layer in self.built.items():
+            _set_submodule(model, name, layer)
+        heads = tuple(dict.fromkeys((*getattr(model, HEADS_ATTR, ()), *self.heads)))
+        for layer in adapter_layers(model).values():  # layers of an earlier apply_adapter stay trainable too
+            for _, p in layer.adapter_named_parameters():
+                p.requires_grad_(True)
+        for h in heads:
+            model.get_submodule(h).requires_grad_(True)
+        setattr(model, PREFIX_ATTR, self.prefix)
+        setattr(model, HEADS_ATTR, heads)
+        if self.prefix:
+            setattr(model.get_submodule(self.prefix[:-1]), WITHIN_ATTR, (type(model).__name__, self.prefix))
+        log.info("circtune: %d adapter layers in %s under the prefix %r; trained in full: %s", len(self.built),
+                 type(model).__name__, self.prefix, ", ".join(heads) or "nothing else")
+
+
+def _plan(model: nn.Module, cfg: AdapterConfig, heads: Iterable[str] | None, prefix: str | None = None) -> _Plan:
+    """Check every layer and head and build the layers, changing nothing the plan cannot roll back.
+
+    ``heads`` are module names of ``model`` (None: :func:`default_heads`); ``prefix`` skips the resolution.
+    """
+    modules = dict(model.named_modules())
+    flags = {p: p.requires_grad for p in model.parameters()}  # layers freeze their base when built
+    problems = []
+    if prefix is None:
+        resolution = resolve_prefix(cfg.layers, modules)
+        if resolution.prefix is None:
+            problems.append(resolution.problem(model, modules))
+        prefix = resolution.best if resolution.prefix is None else resolution.prefix
+    heads = default_heads(model) if heads is None else tuple(heads)
+    problems += _head_problems(model, modules, heads, [prefix + n for n in cfg.layers])
+    built = {}
+    try:
+        for name, lc in cfg.layers.items():
+            key, module = f"layers[{name!r}]", modules.get(prefix + name)
+            if module is None:
+                continue  # reported by the resolution
+            if isinstance(module, CirculantLinear):
+                problems.append(f"{key}: already has a circtune adapter")
+            elif not isinstance(module, nn.Linear):
+                problems.append(f"{key}: is a {type(module).__name__}, not an nn.Linear")
+            else:
+                try:
+                    built[prefix + name] = build_layer(module, lc)
+                except ValueError as e:
+                    problems.append(f"{key}: {e}")
+    except BaseException:
+        _Plan(model, prefix, built, heads, flags).rollback()
+        raise
+    plan = _Plan(model, prefix, built, heads, flags)
+    if problems:
+        plan.rollback()
+        raise AdapterConfigError(f"for {type(model).__name__}", problems)
+    return plan
+
+
+def apply_adapter(model: nn.Module, config: AdapterConfig | Mapping | str | os.PathLike, *,
+                  modules_to_save: Iterable[str] | None = None) -> nn.Module:
     """Replace each configured ``nn.Linear`` of ``model`` with its adapter layer and freeze everything else.
 
-    ``config`` is an :class:`AdapterConfig`, a dict, or the path of an ``adapter_config.json``. Every layer is
-    checked before any is replaced: a missing name, a module that is not an ``nn.Linear`` or a block size that
-    does not divide it raises :class:`AdapterConfigError` listing all of them, and the model is left untouched.
+    ``config`` is an :class:`AdapterConfig`, a dict, or the path of an ``adapter_config.json``. ``model`` is the
+    model the config's layer names come from, or a task model built on it: the names are looked up under the empty
+    prefix first, then under the single prefix (``roberta.``, ``model.``) that holds all of them; the prefix used
+    is kept as ``model.circtune_prefix``.
+
+    ``modules_to_save`` names modules of ``model`` trained in full with the adapter and saved with it (PEFT's
+    convention). The default is PEFT's for the task: the ``classifier``/``score`` head of a sequence or token
+    classifier, ``qa_outputs`` of a question-answering model, nothing otherwise (a causal LM, a base model). Pass
+    ``[]`` to train the adapter alone. They are kept as ``model.circtune_modules_to_save``.
+
+    Every layer is checked before any is replaced: names found under no prefix (or several), a module that is not
+    an ``nn.Linear``, a block size that does not divide it or an unknown head raise :class:`AdapterConfigError`
+    listing all of them, and the model is left untouched.
     """
-    cfg = load_config(config)
-    modules = dict(model.named_modules())
-    trainable = {p: p.requires_grad for p in model.parameters()}  # layers freeze their base when built
-    problems, built = [], {}
-    for name, lc in cfg.layers.items():
-        key = f"layers[{name!r}]"
-        module = modules.get(name)
-        if module is None:
-            close = difflib.get_close_matches(name, [n for n, m in modules.items() if isinstance(m, nn.Linear)], 3)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            problems.append(f"{key}: {type(model).__name__} has no module of that name{hint}")
-        elif isinstance(module, CirculantLinear):
-            problems.append(f"{key}: already has a circtune adapter")
-        elif not isinstance(module, nn.Linear):
-            problems.append(f"{key}: is a {type(module).__name__}, not an nn.Linear")
-        else:
-            try:
-                built[name] = build_layer(module, lc)
-            except ValueError as e:
-                problems.append(f"{key}: {e}")
-    if problems:
-        for p, flag in trainable.items():
-            p.requires_grad_(flag)
-        raise AdapterConfigError(f"for {type(model).__name__}", problems)
-    # Freeze before swapping in: the adapter layers' own parameters are not in the model yet and stay trainable.
-    model.requires_grad_(False)
-    for name, layer in built.items():
-        _set_submodule(model, name, layer)
+    _plan(model, load_config(config), modules_to_save).commit()
     return model
 
 
@@ -97,16 +193,29 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter weights (only) to a safetensors file; the layer config travels in its metadata."""
+def heads_state_dict(model: nn.Module, heads: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The full state of each module in ``heads``, keyed ``<module name>.<key>``."""
+    return {f"{h}.{k}": v.detach() for h in heads for k, v in model.get_submodule(h).state_dict().items()}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, modules_to_save: Iterable[str] | None = None) -> None:
+    """Write the adapter weights to a safetensors file, with those of the modules trained with them
+    (``modules_to_save``; default: those :func:`apply_adapter` made trainable). The layer config and the list of
+    saved modules travel in its metadata."""
     state = adapter_state_dict(model)
     if not state:
         raise ValueError(f"{type(model).__name__} has no circtune adapter layers to save; apply_adapter first")
-    config = config_from_model(model)
+    heads = tuple(getattr(model, HEADS_ATTR, ()) if modules_to_save is None else modules_to_save)
+    problems = _head_problems(model, dict(model.named_modules()), heads, list(adapter_layers(model)))
+    if problems:
+        raise ValueError(problems_message(f"cannot save the adapter of {type(model).__name__}", problems))
+    # Clones: a head may share storage with the model (tied weights), which safetensors refuses to write.
+    state.update({k: v.clone() for k, v in heads_state_dict(model, heads).items()})
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file({k: v.contiguous().cpu() for k, v in state.items()}, tmp,
-              metadata={"format": WEIGHTS_FORMAT, "config": json.dumps(config.to_dict())})
+              metadata={"format": WEIGHTS_FORMAT, "config": json.dumps(config_from_model(model).to_dict()),
+                        "modules_to_save": json.dumps(list(heads))})
     os.replace(tmp, path)
 
 
@@ -133,31 +242,79 @@ def stored_config(path: str, metadata: Mapping[str, str]) -> AdapterConfig:
     return AdapterConfig.from_dict(config, source=source)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load adapter weights saved by :func:`save_adapter`.
+def stored_heads(path: str, metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """The modules whose weights :func:`save_adapter` stored beside the adapter's (none in older files)."""
+    try:
+        heads = json.loads(metadata.get("modules_to_save", "[]"))
+    except json.JSONDecodeError:
+        heads = None
+    if not isinstance(heads, list) or not all(isinstance(h, str) and h for h in heads):
+        raise ValueError(f"adapter weights {path}: metadata modules_to_save is not a list of module names")
+    return tuple(heads)
 
-    If ``model`` has no adapters yet, the config stored in the file is applied first. Every key and shape is
-    checked before anything is copied: a mismatch raises ``ValueError`` naming the tensor, the file's shape and
-    the model's.
+
+def load_state(model: nn.Module, cfg: AdapterConfig, tensors: Mapping[str, torch.Tensor], heads: Iterable[str],
+               what: str) -> nn.Module:
+    """Load ``tensors`` (keyed by ``cfg``'s layer names and ``heads``, as :func:`save_adapter` writes them) into
+    ``model``, applying ``cfg`` first if it has no adapters (with its default heads trainable besides ``heads``).
+    Every key and shape is checked before anything changes; ``what`` names the source in errors."""
+    heads = tuple(heads)
+    modules = dict(model.named_modules())
+    resolution = resolve_prefix(cfg.layers, modules)
+    if resolution.prefix is None:
+        raise ValueError(problems_message(f"{what} do not fit {type(model).__name__}",
+                                          [resolution.problem(model, modules)]))
+    prefix = resolution.prefix
+    existing = adapter_layers(model)
+    plan = None
+    if existing:
+        layers = {n: existing[prefix + n] for n in cfg.layers if prefix + n in existing}
+        problems = _head_problems(model, modules, [prefix + h for h in heads], list(existing))
+    else:
+        wanted = dict.fromkeys((*default_heads(model), *(prefix + h for h in heads)))
+        plan = _plan(model, cfg, wanted, prefix)  # raises on a bad layer, changing nothing
+        layers = {n: plan.built[prefix + n] for n in cfg.layers}
+        problems = []
+    own = {f"{n}.{pname}": p for n, layer in layers.items() for pname, p in layer.adapter_named_parameters()}
+    if not problems:
+        own.update({k[len(prefix):]: v for k, v in heads_state_dict(model, [prefix + h for h in heads]).items()})
+    problems += [f"{k}: in the file, not in the model" for k in tensors if k not in own]
+    problems += [f"{k}: in the model, not in the file" for k in own if k not in tensors]
+    problems += [f"{k}: file has shape {list(tensors[k].shape)}, model expects {list(v.shape)}"
+                 for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
+    if problems:
+        if plan is not None:
+            plan.rollback()
+        raise ValueError(problems_message(f"{what} do not fit {type(model).__name__}", problems))
+    if plan is not None:
+        plan.commit()
+    else:
+        for h in heads:
+            model.get_submodule(prefix + h).requires_grad_(True)
+        setattr(model, HEADS_ATTR, tuple(dict.fromkeys((*getattr(model, HEADS_ATTR, ()),
+                                                        *(prefix + h for h in heads)))))
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(tensors[k])
+    return model
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load adapter weights (and saved heads) written by :func:`save_adapter`.
+
+    If ``model`` has no adapters yet, the config stored in the file is applied first, as :func:`apply_adapter`
+    would (so a file saved from the base model loads into a task model built on it, and the default head is
+    trainable), and the heads saved in the file become trainable. Every key and shape is checked before anything
+    changes: a mismatch raises ``ValueError`` naming the tensor, the file's shape and the model's, and leaves the
+    model as it was.
     """
     path = os.fspath(path)
     weights, metadata = _read_weights(path)
     if metadata.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"adapter weights {path}: format {metadata.get('format')!r} is not {WEIGHTS_FORMAT!r} "
                          "(not written by circtune.save_adapter; a PEFT checkpoint loads with circtune.import_peft)")
-    if not adapter_layers(model):
-        apply_adapter(model, stored_config(path, metadata))
-    own = adapter_state_dict(model)
-    problems = [f"{k}: in the file, not in the model" for k in weights if k not in own]
-    problems += [f"{k}: in the model, not in the file" for k in own if k not in weights]
-    problems += [f"{k}: file has shape {list(weights[k].shape)}, model expects {list(v.shape)}"
-                 for k, v in own.items() if k in weights and weights[k].shape != v.shape]
-    if problems:
-        raise ValueError(problems_message(f"adapter weights {path} do not fit {type(model).__name__}", problems))
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(weights[k])
-    return model
+    heads = stored_heads(path, metadata)
+    return load_state(model, stored_config(path, metadata), weights, heads, f"adapter weights {path}")
 
 
 def merge_adapter(model: nn.Module, unload: bool = True) -> nn.Module:

@@ -238,10 +238,13 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on a CUDA device that supports it, fp32 otherwise; other names pass through."""
+    """``auto`` -> bf16 on a CUDA device that computes it natively (compute capability 8.0+), fp32 otherwise;
+    other names pass through."""
+    from .measure.device import bf16_supported
+
     name = _DTYPE_ALIASES.get(name, name)
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if bf16_supported(device):
             return "bf16"
         return "fp32"
     if name not in DTYPES:

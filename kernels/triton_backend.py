@@ -59,6 +59,22 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+def dtype_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the kernels can run ``dtype`` operands on ``device``, else why not: bf16 ``tl.dot`` needs bf16
+    tensor-core MMA, which starts with compute capability 8.0 (Ampere)."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    from circtune.measure.device import BF16_CAPABILITY, cuda_capability
+
+    index = torch.cuda.current_device() if device.index is None else device.index
+    major, minor = cuda_capability(torch.device("cuda", index))
+    if (major, minor) >= BF16_CAPABILITY:
+        return None
+    name = torch.cuda.get_device_properties(index).name
+    return (f"bf16 needs compute capability {BF16_CAPABILITY[0]}.{BF16_CAPABILITY[1]} (sm_80) or newer for tl.dot; "
+            f"cuda:{index} ({name}) has {major}.{minor}: use fp16 or fp32 there")
+
+
 def block_size_reason(p: int, d_in: int, d_out: int) -> str | None:
     if p > MAX_BLOCK_SIZE:
         return (f"outside its declared range p <= {MAX_BLOCK_SIZE} (the transform route's mixing FLOPs fall as 1/p "
@@ -74,6 +90,11 @@ def triton_forward(layer, x: torch.Tensor) -> torch.Tensor:
         from .block_circulant_linear import block_circulant_linear_reference as block_circulant_linear
     else:
         from .block_circulant_linear import block_circulant_linear
+
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled(x.device.type) else x.dtype
+        reason = dtype_reason(x.device, dtype)
+        if reason is not None:
+            raise ValueError(f"triton backend: {reason}")
 
     base = layer.base_layer
     kernels = layer.circulant_factors()

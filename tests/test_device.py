@@ -155,9 +155,8 @@ def test_parse_cpuinfo_counts_physical_cores():
 
 
 @pytest.mark.parametrize("name", ["mps", "xla", "cuda", "cuda:3", "nonsense"])
-def test_unavailable_device_is_an_error_naming_it(name):
-    if name.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 3:
-        pytest.skip("this machine has the CUDA device")
+def test_unavailable_device_is_an_error_naming_it(name, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on the CPU, on a GPU machine too
     with pytest.raises(ValueError, match=re.escape(repr(name))) as e:
         describe_device(name)
     assert "available: " in str(e.value) and "cpu" in str(e.value)
@@ -256,6 +255,78 @@ def test_one_unsupported_query_keeps_the_rest(fake_gpu):
 def test_gpu_index_out_of_range(fake_gpu):
     with pytest.raises(ValueError, match=r"'cuda:2' is not available: 2 CUDA device\(s\) visible.*cuda:0, cuda:1"):
         describe_device("cuda:2")
+
+
+def test_auto_dtype_asks_the_chosen_device_for_native_bf16(fake_gpu, monkeypatch):
+    """cuda:0 an H100 (9.0), cuda:1 a T4 (7.5) while cuda:0 is current; torch's own test would say yes to both
+    (it counts emulation, and asks the current device)."""
+    from circtune.space import resolve_dtype
+
+    _, props = fake_gpu
+    props[1] = types.SimpleNamespace(**{**vars(props[1]), "name": "Tesla T4", "major": 7, "minor": 5})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (props[i].major, props[i].minor))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert dev.cuda_capability("cuda:1") == (7, 5) and dev.cuda_capability("cuda") == (9, 0)
+    assert resolve_dtype("auto", torch.device("cuda", 1)) == "fp32"
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == "bf16"
+    assert resolve_dtype("auto", torch.device("cuda")) == "bf16"  # the current device, cuda:0
+    props[0] = types.SimpleNamespace(**{**vars(props[0]), "name": "Tesla V100", "major": 7, "minor": 0})
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == "fp32"
+    assert not dev.bf16_supported("cpu") and resolve_dtype("auto", torch.device("cpu")) == "fp32"
+    assert resolve_dtype("bf16", torch.device("cuda", 1)) == "bf16"  # asked for explicitly: the user's call
+
+
+def _nvidia_smi(monkeypatch, which, stdout="", returncode=0, error=None):
+    """The nvidia-smi probe, injected: ``which`` its path (None: not installed), then what it answers."""
+    import subprocess
+
+    calls = []
+
+    def run(argv, **kwargs):
+        calls.append(argv)
+        if error is not None:
+            raise error
+        return subprocess.CompletedProcess(argv, returncode, stdout, "")
+
+    monkeypatch.setattr(dev.shutil, "which", lambda name: which if name == "nvidia-smi" else None)
+    monkeypatch.setattr(dev.subprocess, "run", run)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return calls
+
+
+def test_warns_when_torch_cannot_see_the_gpu_nvidia_smi_lists(monkeypatch):
+    import subprocess
+
+    calls = _nvidia_smi(monkeypatch, "/usr/bin/nvidia-smi", "NVIDIA H200\nNVIDIA H200\n")
+    warning = dev.unseen_gpu_warning()
+    assert calls and calls[0][0] == "/usr/bin/nvidia-smi"
+    assert "\n" not in warning and f"torch {torch.__version__}" in warning
+    assert "(NVIDIA H200, NVIDIA H200)" in warning and "--device cpu" in warning and "CUDA build" in warning
+    for which, out, code, error in ((None, "", 0, None), ("/x/nvidia-smi", "", 0, None),
+                                    ("/x/nvidia-smi", "NVIDIA H200\n", 9, None),  # no driver loaded
+                                    ("/x/nvidia-smi", "", 0, subprocess.TimeoutExpired("nvidia-smi", 5))):
+        _nvidia_smi(monkeypatch, which, out, code, error)
+        assert dev.unseen_gpu_warning() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch sees it: nothing to say, nothing run
+    calls = _nvidia_smi(monkeypatch, "/usr/bin/nvidia-smi", "NVIDIA H200\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dev.unseen_gpu_warning() is None and calls == []
+
+
+def test_profile_without_device_prints_the_warning_once(monkeypatch, tmp_path, capsys):
+    from circtune.cli.main import main
+
+    _nvidia_smi(monkeypatch, "/usr/bin/nvidia-smi", "NVIDIA H200\n")
+    args = ["profile", "--model", "tiny_models:two_shapes", "--targets", "square", "--tokens", "4", "--warmup", "0",
+            "--min-reps", "1", "--max-reps", "1", "--min-time", "0", "--no-peft", "--quiet", "--out",
+            str(tmp_path / "out"), "--space", str(tmp_path / "space.toml")]
+    (tmp_path / "space.toml").write_text('methods = ["c3a"]\nblock_sizes = [16]\nbackends = ["torch"]\n'
+                                         'transforms = ["rfft"]\n')
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("cannot see the GPU that nvidia-smi lists (NVIDIA H200)") == 1
+    assert main([*args, "--device", "cpu"]) == 0  # on purpose: no warning
+    assert "nvidia-smi" not in capsys.readouterr().err
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------

@@ -16,12 +16,16 @@ import json
 import os
 import platform
 import re
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["DeviceInfo", "default_device", "describe_device", "software_versions"]
+__all__ = ["DeviceInfo", "bf16_supported", "cuda_capability", "default_device", "describe_device",
+           "software_versions", "unseen_gpu_warning"]
 
 # The properties that identify a device, per kind; everything else in `properties` is context.
 _IDENTITY = {
@@ -127,18 +131,73 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def cuda_capability(device: str | torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of the CUDA ``device`` itself (not of the current device)."""
+    dev = torch.device(device)
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    major, minor = torch.cuda.get_device_capability(index)
+    return int(major), int(minor)
+
+
+# bf16 tensor-core MMA (cuBLAS's bf16 GEMMs, Triton's bf16 tl.dot) starts with Ampere.
+BF16_CAPABILITY = (8, 0)
+
+
+def bf16_supported(device: str | torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively: a CUDA device of compute capability 8.0 or newer.
+    ``torch.cuda.is_bf16_supported()`` is not the test: by default it also counts emulation (a V100 or T4 says
+    yes, and runs bf16 far slower than fp16) and it asks about the current device, not ``device``."""
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.cuda.is_available() and cuda_capability(dev) >= BF16_CAPABILITY
+
+
+def _nvidia_smi_gpus(timeout_s: float = 5.0) -> list[str]:
+    """The GPUs ``nvidia-smi`` lists (names), or [] when it is not installed, fails or takes too long."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        done = subprocess.run([exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if done.returncode != 0:
+        return []
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()]
+
+
+def unseen_gpu_warning() -> str | None:
+    """One line when torch sees no CUDA device but ``nvidia-smi`` lists GPUs (a CPU build of torch on a GPU
+    machine, or a driver torch cannot use): the default device would then silently be the CPU. None otherwise."""
+    if torch.cuda.is_available():
+        return None
+    gpus = _nvidia_smi_gpus()
+    if not gpus:
+        return None
+    listed = ", ".join(gpus[:2]) + (f" and {len(gpus) - 2} more" if len(gpus) > 2 else "")
+    build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return (f"warning: torch {torch.__version__} ({build}) cannot see the GPU that nvidia-smi lists ({listed}): "
+            "install a CUDA build of torch that matches the driver, or pass --device cpu to profile the CPU on "
+            "purpose")
+
+
 def _available() -> list[str]:
     cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return [*cuda, "cpu"]
 
 
 def describe_device(device: str | torch.device | None = None, *, threads: int | None = None) -> DeviceInfo:
-    """Describe `device` (default: default_device()). `threads` is the CPU thread count to record (default:
+    """Describe `device` (default: default_device(), with :func:`unseen_gpu_warning` printed to stderr when that is
+    the CPU on a machine whose GPU torch cannot see). `threads` is the CPU thread count to record (default:
     torch.get_num_threads()); it is ignored for a CUDA device. An unavailable device is a ValueError."""
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads must be a positive int, got {threads!r}")
     if device is None:
         dev = default_device()
+        # The one place the default device is chosen: say once, on stderr, when that is the CPU by accident.
+        warning = unseen_gpu_warning() if dev.type == "cpu" else None
+        if warning:
+            print(warning, file=sys.stderr)
     else:
         try:
             dev = torch.device(device)

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.circtune-installed
 
-.PHONY: setup search demo profile test lint bench clean
+.PHONY: setup search demo profile test lint bench clean wheels gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,17 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_adapters.py
+
+# A GPU machine reaches no package registry: `make wheels` (here) fetches into .whl/ what circtune needs beyond that
+# machine's image; .whl/ travels with the working tree (carry ".whl"). There, `make gpu-check` installs it offline
+# and runs every GPU stage in one command; without CUDA it runs the same stages as a tiny CPU rehearsal.
+GPU_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+
+wheels: $(STAMP)
+	$(BIN)/python benchmarks/gpu_wheels.py download
+
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -21,6 +21,7 @@ from .config import AdapterConfig
 from .measure.store import MeasurementStore, masked_url, this_worker
 from .measure.timing import TimingSettings
 from .models import ModelInfo, build_model
+from .outputs import record, same_identity, written_by
 from .search import (
     Assignment,
     Problem,
@@ -132,19 +133,24 @@ def validation_frame(results: Sequence[Validation], base: Validation | None, pic
 
 
 def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info, settings, out: Path, storage: str,
-               frame: pd.DataFrame, batch: int, seq_len: int, dtype: str, command: str | None) -> dict:
-    """Everything after profiling; returns the summary that the CLI prints (or, when another worker writes or
-    wrote this study's outputs, ``{"skipped": why}``)."""
+               frame: pd.DataFrame, batch: int, seq_len: int, dtype: str, command: str | None,
+               identity: dict | None = None, methods: list[str] | None = None,
+               backends: list[str] | None = None) -> dict:
+    """Everything after profiling; returns the summary that the CLI prints, with the files ``written`` (or, when
+    another worker writes or wrote this study's outputs, ``{"skipped": why}``). ``identity`` is what the output
+    folder's manifest records for every file (the options that decide their content)."""
+    identity = dict(identity or {})
     here = frame[(frame.tokens == settings.tokens) & (frame.dtype == dtype)]
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
     problem = build_problem(model.targets, here, budget, args.min_fill, methods=methods, backends=backends)
     optimum = exact_optimum(problem)
     seeds = [optimum, *neighbours(problem, optimum), *uniform_c3a(problem)]
     name = args.study_name or f"circtune-{model.name}-{info.fingerprint}-t{settings.tokens}-{dtype}-{problem.key()}"
     worker = this_worker()
+    # The study's own identity: what it chooses from; the trial count and the study's name are not part of it.
+    study_identity = {k: v for k, v in identity.items() if k not in ("study_name", "objective", "top", "validate")}
     study = run_study(problem, storage=storage, study_name=name, n_trials=args.trials, seeds=seeds,
-                      sampler=args.sampler, seed=args.seed, progress=not args.quiet, worker=worker)
+                      sampler=args.sampler, seed=args.seed, progress=not args.quiet, worker=worker,
+                      identity={**study_identity, "problem": problem.key()})
     store = MeasurementStore(storage)
     lock = f"study-outputs:{name}"
     try:
@@ -152,7 +158,7 @@ def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info,
             return {"skipped": f"study {name} is complete; another worker is writing its outputs "
                                f"({_own_trials(study, worker)})"}
         try:
-            written = _outputs_written(study, args)
+            written = _outputs_written(study, args, out, name, identity)
             if written:
                 return {"skipped": f"study {name} is complete and its outputs for these options were written by "
                                    f"{written['worker']} to {written['folder']} ({_own_trials(study, worker)}); "
@@ -160,9 +166,11 @@ def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info,
             summary = _write_outputs(args, budget=budget, model=model, info=info, settings=settings, out=out,
                                      storage=storage, problem=problem, here=here, optimum=optimum, study=study,
                                      name=name, batch=batch, seq_len=seq_len, dtype=dtype, command=command)
+            trials = len(complete_trials(study))
+            record(out, summary["written"], subcommand="search", command=command, identity=identity, study=name,
+                   trials=trials, worker=worker)
             study.set_user_attr("outputs", {"folder": str(out.resolve()), "host": socket.gethostname(),
-                                            "worker": worker, "trials": len(complete_trials(study)),
-                                            **_output_options(args)})
+                                            "worker": worker, "trials": trials, **_output_options(args)})
             return summary
         finally:
             store.release(lock, worker)
@@ -180,17 +188,20 @@ def _output_options(args: argparse.Namespace) -> dict:
     return {"objective": args.objective, "top": args.top, "validate": not args.no_validate}
 
 
-def _outputs_written(study, args: argparse.Namespace) -> dict | None:
-    """The study's record of its written outputs, if they cover ``args.trials`` trials with the same options and
-    (when written on this host) the folder still holds them."""
-    record = study.user_attrs.get("outputs")
-    if not record or record.get("trials", 0) < args.trials:
-        return None
-    if any(record.get(k) != v for k, v in _output_options(args).items()):
-        return None
-    if record.get("host") == socket.gethostname() and not (Path(record["folder"]) / "adapter_config.json").is_file():
-        return None
-    return record
+def _outputs_written(study, args: argparse.Namespace, out: Path, name: str, identity: dict) -> dict | None:
+    """Where this study's outputs for these options and at least ``args.trials`` trials already are, if anywhere
+    this worker may rely on: this folder, when its manifest says this study wrote its adapter_config.json with
+    these options (and the file is there); or another host's folder (another worker's, which this one cannot
+    see). Outputs written to another folder of this host are written here again: the user asked for them here."""
+    mine = written_by(out, "adapter_config.json")
+    if (mine and mine.get("study") == name and same_identity(mine.get("options"), identity)
+            and mine.get("trials", 0) >= args.trials and (out / "adapter_config.json").is_file()):
+        return {"worker": mine.get("worker"), "folder": str(out)}
+    record_ = study.user_attrs.get("outputs")
+    if (record_ and record_.get("host") != socket.gethostname() and record_.get("trials", 0) >= args.trials
+            and all(record_.get(k) == v for k, v in _output_options(args).items())):
+        return record_
+    return None
 
 
 def _write_outputs(args: argparse.Namespace, *, budget: int, model: ModelInfo, info, settings, out: Path,
@@ -237,29 +248,33 @@ def _write_outputs(args: argparse.Namespace, *, budget: int, model: ModelInfo, i
     }
     config = adapter_config(model, problem, pick, **meta)
     config.save(out / "adapter_config.json")
-    if all(lc.method == "c3a" for lc in config.layers.values()):
-        _write_peft(config, out / "peft")
+    written = ["trials.csv", "validation.csv", "adapter_config.json"]
+    if all(lc.method == "c3a" for lc in config.layers.values()) and _write_peft(config, out / "peft"):
+        written.append("peft/adapter_config.json")
     elif (out / "peft").is_dir():  # a previous pick's PEFT config would contradict this one
         shutil.rmtree(out / "peft")
-    _write_report(out, args.plotlyjs)
+    if _write_report(out, args.plotlyjs):
+        written.append("report.html")
     keys = ("total_params", "budget", "predicted_overhead_ms", "optimum_overhead_ms", "base_step_ms",
             "predicted_step_ms", "measured_step_ms", "predicted_mem_mb", "measured_mem_mb")
-    return {"printed": {k: meta[k] for k in keys}, "config": config}
+    return {"printed": {k: meta[k] for k in keys}, "config": config, "written": written}
 
 
-def _write_peft(config: AdapterConfig, folder: Path) -> None:
+def _write_peft(config: AdapterConfig, folder: Path) -> bool:
     from importlib.util import find_spec
 
     if find_spec("peft") is None:
-        return
+        return False
     from .peft_interop import to_peft_config
 
     to_peft_config(config).save_pretrained(str(folder))
+    return True
 
 
-def _write_report(out: Path, plotlyjs: str) -> None:
+def _write_report(out: Path, plotlyjs: str) -> bool:
     try:
         from .report.render import write_report
     except ImportError:  # the report package is optional at this stage
-        return
+        return False
     write_report(out, plotlyjs=plotlyjs)
+    return True

@@ -380,7 +380,7 @@ def complete_trials(study) -> list:
 
 def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int, seeds: Sequence[Assignment] = (),
               sampler: str = "tpe", seed: int | None = 0, progress: bool = True, worker: str | None = None,
-              heartbeat_s: int = HEARTBEAT_S):
+              heartbeat_s: int = HEARTBEAT_S, identity: Mapping | None = None):
     """Create or join the study ``study_name`` in ``storage`` (a SQLAlchemy URL) and run trials until it holds
     ``n_trials`` complete ones; returns the study.
 
@@ -390,6 +390,8 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
     so workers that start together do not enqueue them twice, and a run killed while enqueuing completes them.
     Every trial records its ``worker`` (``host:pid``); a killed run loses only the trial in flight, which the
     next run fails and enqueues again. Several workers may overshoot ``n_trials`` by one trial each at most.
+    ``identity`` (JSON-able: what the study chooses from) is recorded when the study is created; joining a study
+    of another identity (a ``--study-name`` reused with another budget, say) raises :class:`StudyMismatch`.
     """
     import optuna
 
@@ -414,6 +416,10 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
             if "budget" not in study.user_attrs:
                 study.set_user_attr("budget", problem.budget)
                 study.set_user_attr("min_fill", problem.min_fill)
+                if identity is not None:
+                    study.set_user_attr("identity", _plain(identity))
+            else:
+                _check_study(study, problem, identity, storage)
             have = {t.user_attrs.get("label") for t in study.get_trials(deepcopy=False)
                     if t.user_attrs.get("source") in ("optimum", "seed")}
             for a in seeds:
@@ -456,6 +462,36 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
             note(study, None)
             raise
     return study
+
+
+class StudyMismatch(ValueError):
+    """A study name that already holds a study of another search."""
+
+
+def _plain(identity: Mapping | None) -> dict:
+    import json
+
+    return json.loads(json.dumps(dict(identity or {}), default=str))
+
+
+def _check_study(study, problem: Problem, identity: Mapping | None, storage: str) -> None:
+    """Refuse to join a study made for another search: its recorded identity (or, for studies recorded before
+    identities were, its budget and fill) must match."""
+    from .measure.store import masked_url
+
+    found = study.user_attrs.get("identity")
+    if found is not None and identity is not None:
+        wanted = _plain(identity)
+        diff = [f"{k} {found.get(k)!r} (this run: {wanted.get(k)!r})" for k in dict.fromkeys([*found, *wanted])
+                if found.get(k) != wanted.get(k)]
+    else:
+        diff = [f"{k} {study.user_attrs.get(k)!r} (this run: {v!r})"
+                for k, v in (("budget", problem.budget), ("min_fill", problem.min_fill))
+                if study.user_attrs.get(k) != v]
+    if diff:
+        raise StudyMismatch(f"study {study.study_name!r} in {masked_url(storage)} was made for another search: "
+                            f"{', '.join(diff[:3])}{' ...' if len(diff) > 3 else ''}; pass another --study-name, or "
+                            "this study's options")
 
 
 def trial_assignments(problem: Problem, study) -> list[tuple[object, Assignment]]:

@@ -28,6 +28,7 @@ PROFILE = [*MODEL, *TIMING]  # the finished profile run, minus --space and --out
 OTHER_MODEL = ["--model", "tiny_models:TwoShapes", "--targets", "up,square"]  # the same layers, another spec
 SEARCH = ["--budget", "900", "--trials", "4", "--no-validate", "--plotlyjs", "cdn"]  # 832 parameters fit 810..900
 SPACE = 'methods = ["c3a"]\nblock_sizes = [16]\ntransforms = ["rfft"]\nbackends = ["torch"]\n'
+RUN_PROFILE = [*PROFILE, "--space", "{run}/space.toml"]  # the finished runs' own options
 
 # The config every hostile adapter file is a variation of: tiny_models.TwoShapes has blocks.{0,1}.up (48 -> 96)
 # and square (64 -> 64).
@@ -253,11 +254,11 @@ CASES = [
     (["profile", *MODEL, "--space", "{in}/space_binary.toml"], "space_binary.toml: not a UTF-8 text file"),
     (["profile", *MODEL, "--space", "{in}/space_folder.toml"], "space_folder.toml: a folder, not a file"),
     # measurement stores: unknown, unreachable, in a missing folder, read-only
-    (["profile", *MODEL, "--store", "nosuchdb://x"], "cannot open the measurement store nosuchdb://x"),
-    (["profile", *MODEL, "--store", "postgresql://admin:hunter2@127.0.0.1:1/db"],
+    (["profile", *RUN_PROFILE, "--store", "nosuchdb://x"], "cannot open the measurement store nosuchdb://x"),
+    (["profile", *RUN_PROFILE, "--store", "postgresql://admin:hunter2@127.0.0.1:1/db"],
      "postgresql://admin:***@127.0.0.1:1/db"),
-    (["profile", *MODEL, "--store", "sqlite:///{missing}/store.db"], "missing does not exist"),
-    (["search", "--budget", "900", *MODEL, "--store", "sqlite:///{missing}/store.db", "--out", "{missing}/search"],
+    (["profile", *RUN_PROFILE, "--store", "sqlite:///{missing}/store.db"], "missing does not exist"),
+    (["search", *SEARCH, *MODEL, "--store", "sqlite:///{missing}/store.db", "--out", "{missing}/search"],
      "missing does not exist"),
     # Read-only: the tests run as root, and root writes through chmod 444 (file) and 555 (folder), so a mode bit
     # would prove nothing. SQLite's own read-only open (a URI with mode=ro) refuses every write, root or not: the
@@ -265,15 +266,15 @@ CASES = [
     (["profile", *PROFILE, "--space", "{run}/space.toml", "--store", "sqlite:///file:{out}/circtune.db?mode=ro&uri=true"],
      "the measurement store sqlite:///file:{out}/circtune.db?mode=ro&uri=true is read-only (attempt to write a "
      "readonly database)"),
-    (["search", "--budget", "900", *PROFILE, "--space", "{run}/space.toml",
-      "--store", "sqlite:///file:{search}/circtune.db?mode=ro&uri=true", "--out", "{search}"], "is read-only"),
+    (["search", *SEARCH, *RUN_PROFILE, "--store", "sqlite:///file:{search}/circtune.db?mode=ro&uri=true",
+      "--out", "{search}"], "is read-only"),
     # output folders: another model's run, another budget's
     (["profile", *OTHER_MODEL, *TIMING, "--out", "{search}"],
      "holds a run of another model 'tiny_models:two_shapes' (this run: 'tiny_models:TwoShapes')"),
-    (["search", "--budget", "900", *OTHER_MODEL, *TIMING, "--out", "{out}"],
+    (["search", *SEARCH, *OTHER_MODEL, *TIMING, "--out", "{out}"],
      "holds a run of another model 'tiny_models:two_shapes' (this run: 'tiny_models:TwoShapes')"),
-    (["search", "--budget", "2000", *PROFILE, "--space", "{run}/space.toml", "--out", "{search}"],
-     "holds a run of another budget 900 (this run: 2000)"),
+    (["search", *SEARCH[2:], "--budget", "880", *RUN_PROFILE, "--out", "{search}"],
+     "holds a run of another budget 900 (this run: 880)"),
     # report and compare folders
     (["report", "{missing}"], "missing: not a folder (expected the output folder of 'circtune search')"),
     (["report", "{out}"], "missing adapter_config.json"),

@@ -6,8 +6,6 @@ import argparse
 import os
 import time
 
-import torch
-
 NAME = "demo"
 HELP = "fine-tune C3A and CDVFT adapters on a small random RoBERTa (offline), then save, reload and merge them"
 
@@ -30,6 +28,7 @@ def _small_roberta():
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from tqdm.auto import tqdm
 
     import circtune

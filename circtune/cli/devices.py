@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 NAME = "devices"
 HELP = "print the fingerprint of every visible device (each CUDA device, then the CPU), or of one"
 
@@ -31,6 +29,8 @@ def _block(title: str, rows: dict[str, object]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from circtune.cli.main import UsageError
     from circtune.measure.device import describe_device
 

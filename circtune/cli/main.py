@@ -1,4 +1,7 @@
-"""``circtune`` entry point: dispatches to one module per subcommand."""
+"""The ``circtune`` command: one module per subcommand, each imported only for its own help and run.
+
+``circtune --help`` imports none of them beyond their names and help texts, so it answers without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +12,32 @@ import traceback
 from collections.abc import Sequence
 
 from .. import __version__
-from .._signals import disarm, install, kept_summary, reset_kept
 from . import check, compare, demo, devices, models, profile, report, search
 
-# Each subcommand module provides NAME, HELP, add_arguments(parser) and run(args) -> int.
+# Each subcommand module provides NAME, HELP, add_arguments(parser) and run(args) -> int, and imports torch (and
+# everything heavy) only inside run: building the parser stays cheap.
 SUBCOMMANDS = (search, profile, report, compare, check, models, devices, demo)
+
+DESCRIPTION = ("circtune measures what circulant adapters (C3A, CDVFT) cost on this machine and picks, for each "
+               "layer of your model, the adapter that trains fastest within a trainable-parameter budget; it "
+               "writes an adapter_config.json that a training script loads with circtune.apply_adapter.")
+EPILOG = ("start with:  circtune search --model roberta-large --budget 100k   (writes runs/roberta-large-<device>/); "
+          "'circtune COMMAND --help' for the options of one command")
 
 
 class UsageError(Exception):
-    """A mistake in what the user asked for: one line, the subcommand's help, exit status 2."""
+    """A mistake in what the user asked for: one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the mistake and a pointer to --help, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="circtune", description=__doc__.splitlines()[0].replace("``", "'"))
+    parser = Parser(prog="circtune", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"circtune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -37,6 +53,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .._signals import disarm, install, kept_summary, reset_kept
+
     if threading.current_thread() is threading.main_thread():
         # SIGTERM stops like Ctrl-C; both wait for a database write in progress to finish.
         install()
@@ -56,8 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = str(e).splitlines()[1:]
         if rest:
             print("\n".join(rest), file=sys.stderr)
-        if isinstance(e, UsageError):
-            parsers[args.command].print_usage(sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"circtune {args.command}: interrupted; kept in the store: {kept_summary()}; re-running the same "

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from typing import TYPE_CHECKING
 
-from ..models import BUILTIN_MODELS, ModelInfo, TargetLayer, resolve_model
+if TYPE_CHECKING:
+    from ..models import ModelInfo, TargetLayer
 
 NAME = "models"
 HELP = "list the built-in models, or show a model's target layers and their unique shapes"
@@ -85,6 +87,8 @@ def _print_table(header: list[str], rows: list[list[str]], right: set[int]) -> N
 
 
 def _list_builtins(as_json: bool) -> int:
+    from ..models import BUILTIN_MODELS, resolve_model
+
     infos = {name: resolve_model(name) for name in BUILTIN_MODELS}
     if as_json:
         print(json.dumps([{**info.to_dict(), "model_type": BUILTIN_MODELS[name].model_type,
@@ -112,6 +116,7 @@ def _show(info: ModelInfo) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..models import resolve_model
     from .main import UsageError
 
     targets = parse_targets(args.targets)

@@ -9,8 +9,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 NAME = "profile"
 HELP = "measure latency, memory and FLOPs of every candidate adapter configuration on this device"
 
@@ -60,15 +58,16 @@ def _split(values: list[str] | None) -> list[str] | None:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments that say what to profile and how; shared with ``circtune search``."""
+def add_model_arguments(p: argparse.ArgumentParser, tokens_default: str = "512 on the CPU, 4096 on a GPU") -> None:
+    """Arguments that say what to profile and how; shared with ``circtune search`` (whose default token count
+    is not the profile's)."""
     p.add_argument("--model", default="roberta-large",
                    help="built-in name (see `circtune models`), a folder with config.json, or module:callable "
                         "(default: %(default)s)")
     p.add_argument("--targets", action="append", metavar="NAMES",
                    help="target module names, comma-separated or repeated (default: per model family)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--tokens", type=int, help="tokens per step: rows of x (default: 512 on the CPU, 4096 on a GPU)")
+    size.add_argument("--tokens", type=int, help=f"tokens per step: rows of x (default: {tokens_default})")
     size.add_argument("--batch-size", type=int, help="with --seq-len: tokens = batch size x sequence length")
     p.add_argument("--seq-len", type=int, help="sequence length (with --batch-size)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
@@ -81,8 +80,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", "--storage", dest="store", metavar="URL",
                    help="measurement store (and Optuna storage): a SQLAlchemy URL or a SQLite file path "
                         "(default: OUT/circtune.db)")
-    p.add_argument("--out", help="output folder (default: reports/<model>-<device>; for circtune profile, "
-                                 "reports/<model>-<device>-profile)")
+    p.add_argument("--out", help="output folder (default: runs/<model>-<device>; for circtune profile, "
+                                 "runs/<model>-<device>-profile)")
     timing = p.add_argument_group("timing (defaults fit the device)")
     timing.add_argument("--warmup", type=int, help="untimed steps first (CPU 2, GPU 10)")
     timing.add_argument("--min-reps", type=int, help="at least this many timed steps (CPU 15, GPU 30)")
@@ -100,7 +99,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="measure each configuration in a child process, so a crash (e.g. a broken CUDA context) "
                         "is recorded as a failure and the run goes on")
     p.add_argument("--force", action="store_true",
-                   help="write into an output folder that holds a run of another model (or budget)")
+                   help="write into an output folder that holds files of another command, or of this command with "
+                        "other options (another model, budget, space...)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,23 +115,75 @@ def _check(name: str, value: int | float | None, least: int = 1) -> None:
         raise UsageError(f"{name} must be {'positive' if least else 'zero or more'}, got {value}")
 
 
+PROFILE_FILES = ("measurements.csv", "profile.json")
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """The option values that need nothing but themselves, first of all (``args.device`` is normalised and
+    ``args.threads`` clamped to the CPUs, with a note)."""
+    from ..preflight import check_min_time, clamp_threads, parse_device
+    from .main import UsageError
+
+    if getattr(args, "_values_checked", False):  # a search checks them before choosing its batch shape
+        return
+    args._values_checked = True
+    for name in ("tokens", "batch_size", "seq_len", "threads", "min_reps", "max_reps", "warmup"):
+        _check("--" + name.replace("_", "-"), getattr(args, name), least=0 if name == "warmup" else 1)
+    check_min_time(args.min_time)
+    if not args.claim_timeout >= 0:  # also refuses nan
+        raise UsageError(f"--claim-timeout must be zero or more, got {args.claim_timeout}")
+    if (args.batch_size is None) != (args.seq_len is None):
+        raise UsageError("--batch-size and --seq-len go together (tokens = batch size x sequence length)")
+    if args.min_reps and args.max_reps and args.min_reps > args.max_reps:
+        raise UsageError(f"--min-reps {args.min_reps} is larger than --max-reps {args.max_reps}")
+    args.device = parse_device(args.device)
+    args.threads, note = clamp_threads(args.threads)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def default_out(model_name: str, device_label: str, command: str | None) -> Path:
+    """Where a run writes unless --out says otherwise: ``runs/`` (git-ignored), never the committed ``reports/``."""
+    return Path("runs") / f"{model_name}-{device_label}{'-profile' if command == 'profile' else ''}"
+
+
+def check_fit(plans, space, model, *, every_shape: bool) -> None:
+    """Refuse a space that gives no candidate to any target shape (``every_shape``: to some target shape)."""
+    from ..preflight import PreflightError, describe_space_misfit
+
+    empty = {(p.d_in, p.d_out): [t.name for t in model.targets if t.shape == (p.d_in, p.d_out)]
+             for p in plans if not p.candidates}
+    if not empty or (not every_shape and len(empty) < len(plans)):
+        return
+    misfit = {shape: names for shape, names in empty.items()
+              if any(e.reason.startswith("no block size") for p in plans if (p.d_in, p.d_out) == shape
+                     for e in p.excluded)}
+    if misfit:
+        raise PreflightError(describe_space_misfit(misfit, space.source, space.block_sizes))
+    reasons = sorted({e.reason for p in plans if not p.candidates for e in p.excluded if e.backend})
+    raise PreflightError(f"search space {space.source}: no candidate for the {', '.join(f'{a}x{b}' for a, b in empty)} "
+                         f"target layer(s): {'; '.join(reasons) or 'every configuration was excluded'}")
+
+
 def prepare(args: argparse.Namespace, overrides: dict | None = None, lora_budget: int | None = None,
-            expected: dict | None = None):
-    """Resolve the model, space, device, settings, output folder and store from the arguments."""
+            expected: dict | None = None, more_checks=None, files: tuple[str, ...] = PROFILE_FILES):
+    """Resolve the model, space, device, settings, output folder and store from the arguments, running every check
+    that needs no measurement first. ``more_checks(model, space, plans, info, device, tokens)`` adds the caller's (a
+    search's budget) and returns the caller's options for the identity; ``files`` are those the run will write.
+    Returns (model, space, info, settings, out, store, plans, identity)."""
+    import torch
+
     from ..measure.device import describe_device
     from ..measure.profiler import ProfileSettings, plan_shapes
     from ..measure.store import MeasurementStore
     from ..measure.timing import TimingSettings
     from ..models import resolve_model
-    from ..space import load_space, resolve_dtype
-    from .main import UsageError
+    from ..outputs import check_folder
+    from ..preflight import check_tokens_fit
+    from ..space import DTYPES, load_space, resolve_dtype
 
-    for name in ("tokens", "batch_size", "seq_len", "threads", "min_reps", "max_reps", "warmup", "min_time"):
-        _check("--" + name.replace("_", "-"), getattr(args, name), least=0 if name in ("warmup", "min_time") else 1)
-    if not args.claim_timeout >= 0:  # also refuses nan
-        raise UsageError(f"--claim-timeout must be zero or more, got {args.claim_timeout}")
-    if (args.batch_size is None) != (args.seq_len is None):
-        raise UsageError("--batch-size and --seq-len go together (tokens = batch size x sequence length)")
+    check_values(args)
+    command = getattr(args, "command", None)
     if args.threads is not None:
         args.threads_before = torch.get_num_threads()  # put back by main() (a caller's process keeps going)
         torch.set_num_threads(args.threads)
@@ -147,19 +199,27 @@ def prepare(args: argparse.Namespace, overrides: dict | None = None, lora_budget
                             max_reps=args.max_reps or max(defaults["max_reps"], args.min_reps or 0),
                             min_time_s=args.min_time if args.min_time is not None else defaults["min_time"])
     if timing.min_reps > timing.max_reps:
+        from .main import UsageError
+
         raise UsageError(f"--min-reps {timing.min_reps} is larger than --max-reps {timing.max_reps}")
     settings = ProfileSettings(tokens=tokens, dtypes=dtypes, device=device, timing=timing)
-    # A profile's default folder is not a search's: each refuses the other's folder (check_output_folder).
-    suffix = "-profile" if getattr(args, "command", None) == "profile" else ""
-    out = Path(args.out) if args.out else Path("reports") / f"{model.name}-{info.label}{suffix}"
-    check_output_folder(out, model.spec, force=args.force, command=getattr(args, "command", None),
-                        **(expected or {}))
-    store = MeasurementStore(args.store or out / "circtune.db")
     ranks = list(args.lora_ranks)
     if lora_budget is not None:  # the search's LoRA baseline: the rank that spends the budget on every target
         ranks.append(max(1, lora_budget // sum(t.d_in + t.d_out for t in model.targets)))
     plans = plan_shapes(model, space, device, peft=False if args.no_peft else None, lora_ranks=ranks)
-    return model, space, info, settings, out, store, plans
+    check_fit(plans, space, model, every_shape=more_checks is not None)
+    check_tokens_fit(tokens, list(model.shapes), max(DTYPES[d].itemsize for d in dtypes),
+                     (info.properties.get("total_memory_mb") or 0) * 2**20, info.name)
+    extra = more_checks(model, space, plans, info, device, tokens) if more_checks else {}
+    identity = {"model": model.spec, "targets": list(model.target_names), "space": {k: v for k, v in asdict(space).items() if k not in ("source", "description")},
+                "device": info.label, "tokens": tokens, "dtypes": list(dtypes), "lora_ranks": sorted(set(ranks)),
+                "peft": not args.no_peft, **extra}
+    out = Path(args.out) if args.out else default_out(model.name, info.label, command)
+    # Runs written before the manifest existed are judged from their files; then the manifest, file by file.
+    check_output_folder(out, model.spec, force=args.force, command=command, **(expected or {}))
+    check_folder(out, files, subcommand=command or "profile", identity=identity, force=args.force)
+    store = MeasurementStore(args.store or out / "circtune.db")
+    return model, space, info, settings, out, store, plans, identity
 
 
 def masked_url(url: str) -> str:
@@ -169,15 +229,19 @@ def masked_url(url: str) -> str:
 
 
 def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget: int | None = None,
-            expected: dict | None = None):
-    """Profile as ``circtune profile`` does (``defaults`` override the device defaults) and write
-    ``measurements.csv`` and ``profile.json`` into the output folder. Returns (model, info, settings, out, store
-    url, plans, result, frame)."""
+            expected: dict | None = None, more_checks=None, files: tuple[str, ...] = PROFILE_FILES):
+    """Profile as ``circtune profile`` does (``defaults`` override the device defaults; see :func:`prepare` for the
+    rest) and write ``measurements.csv`` and ``profile.json`` into the output folder, recorded in its manifest.
+    Returns (model, info, settings, out, store url, plans, result, frame, identity)."""
+    import torch
+
     from .._io import write_csv_atomic, write_text_atomic
     from ..measure.profiler import run_profile
     from ..measure.store import to_frame
+    from ..outputs import record
 
-    model, space, info, settings, out, store, plans = prepare(args, defaults, lora_budget, expected)
+    model, space, info, settings, out, store, plans, identity = prepare(args, defaults, lora_budget, expected,
+                                                                        more_checks, files)
     n_cand = sum(len(p.candidates) + len(p.baselines) for p in plans) * len(settings.dtypes)
     print(f"profiling {model.name}: {len(model.targets)} target layers, {len(plans)} unique shapes, "
           f"{n_cand} configurations (candidates + baselines) on {info.name}"
@@ -192,7 +256,7 @@ def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget:
     frame = to_frame(result.measurements, model.name, model.shapes)
     write_csv_atomic(frame, out / "measurements.csv")
     summary = {
-        "model": model.to_dict(), "space": asdict(space), "device": info.to_dict(), "store": masked_url(store.url),
+        "model": model.to_dict(), "space": {k: v for k, v in asdict(space).items() if k not in ("source", "description")}, "device": info.to_dict(), "store": masked_url(store.url),
         "tokens": settings.tokens, "dtypes": list(settings.dtypes), "timing": asdict(settings.timing),
         "command": command_line(), "subcommand": getattr(args, "command", None),
         "measured": result.measured, "reused": result.reused, "failed": len(result.failed),
@@ -200,7 +264,9 @@ def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget:
                      for p in plans},
     }
     write_text_atomic(out / "profile.json", json.dumps(summary, indent=2, default=str) + "\n")
-    return model, info, settings, out, store.url, plans, result, frame
+    record(out, PROFILE_FILES, subcommand=getattr(args, "command", None) or "profile", command=command_line(),
+           identity=identity)
+    return model, info, settings, out, store.url, plans, result, frame, identity
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top is not None and args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     started = time.perf_counter()
-    model, info, settings, out, store_url, plans, result, frame = profile(args)
+    model, info, settings, out, store_url, plans, result, frame, _ = profile(args)
     print(summary_table(frame, top=args.top))
     for p in plans:
         for e in p.excluded:

@@ -242,7 +242,7 @@ def render_compare_html(data: Mapping[str, Any], plotlyjs: str = "inline") -> st
                     "its memory (MiB)", "own memory (MiB)", "note"],
                    [[r["pick_of"], r["on"], r["cost_ms"], r["own_ms"], r["regret_ms"], r["regret_pct"],
                      r["cost_mem_mb"], r["own_mem_mb"], r["note"]] for r in data["regret"]])]
-    return page(data["title"], body, plotlyjs)
+    return page(data["title"], body, plotlyjs, kind="compare")
 
 
 def write_compare(folders: Sequence[str | Path], out: str | Path, plotlyjs: str = "inline",

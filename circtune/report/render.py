@@ -99,8 +99,10 @@ def plotlyjs_tag(mode: str) -> str:
     return f'{config}<script charset="utf-8">{get_plotlyjs()}</script>'
 
 
-def page(title: str, body: Sequence[str], plotlyjs: str = "inline") -> str:
+def page(title: str, body: Sequence[str], plotlyjs: str = "inline", kind: str = "report") -> str:
+    # The generator tag lets a later command tell a circtune page (which it may rebuild) from any other file.
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"generator\" content=\"circtune {esc(kind)}\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{esc(title)}</title><style>{_CSS}</style>{plotlyjs_tag(plotlyjs)}</head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")

@@ -266,3 +266,21 @@ def test_exporting_the_base_inside_an_adapted_task_model(tmp_path):
     clf = circtune.import_peft(task_model(name), tmp_path / "base")
     assert clf.circtune_prefix == "roberta."
     torch.testing.assert_close(clf.roberta(input_ids=IDS).last_hidden_state, base(input_ids=IDS).last_hidden_state)
+
+
+def test_check_accepts_a_task_model(tmp_path):
+    from circtune.cli.check import check
+
+    config = circtune.AdapterConfig.from_dict(task_adapter_config("roberta-seq-cls"))
+    config.save(tmp_path / "adapter_config.json")
+    model = circtune.apply_adapter(task_model("roberta-seq-cls"), config)
+    circtune.save_adapter(model, tmp_path / "a.safetensors")
+    summary = check(str(tmp_path), "tiny_models:roberta_classifier", str(tmp_path / "a.safetensors"))
+    assert [r["name"] for r in summary["layers"]] == list(config.layers)
+    assert summary["trainable_params"] == _adapter_params(task_adapter_config("roberta-seq-cls"), "roberta-seq-cls")
+    assert summary["weights"]["loaded"]
+    config.layers["encoder.layer.1.attention.self.query"] = circtune.LayerConfig("c3a", 8)
+    config.save(tmp_path / "adapter_config.json")
+    with pytest.raises(ValueError, match=r"layers\['encoder.layer.1.attention.self.query'\].block_size: the weights "
+                                         "were saved with 4, the config says 8"):
+        check(str(tmp_path), "tiny_models:roberta_classifier", str(tmp_path / "a.safetensors"))

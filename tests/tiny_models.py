@@ -107,3 +107,8 @@ def task_adapter_config(name: str) -> dict:
         layers = {f"encoder.layer.{i}.{k}": p if i == 0 else p // 4 for i in range(2) for k, p in per_layer.items()}
     return {"format": FORMAT, "base_model": name,
             "layers": {n: {"method": "c3a", "block_size": p} for n, p in layers.items()}}
+
+
+def roberta_classifier():
+    """``tiny_models:roberta_classifier``: the tiny RobertaForSequenceClassification, as a model spec."""
+    return task_model("roberta-seq-cls")

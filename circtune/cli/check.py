@@ -67,11 +67,12 @@ def model_spec(given: str | None, config) -> str:
                      f"model); pass --model, e.g. --model {next(iter(BUILTIN_MODELS))}")
 
 
-def _weights_mismatch(stored, config) -> list[str]:
-    """Layers whose stored weights were trained under settings other than the config's."""
+def _weights_mismatch(stored, config, prefix: str = "") -> list[str]:
+    """Layers whose stored weights were trained under settings other than the config's (the file may name them
+    under the task model's ``prefix``)."""
     problems = []
     for name, lc in config.layers.items():
-        other = stored.layers.get(name)
+        other = stored.layers.get(name) or stored.layers.get(prefix + name)
         if other is None:
             continue  # load_adapter reports the missing tensors
         for field in _WEIGHT_FIELDS:
@@ -105,18 +106,18 @@ def check(config_arg: str, model_arg: str | None = None, weights: str | None = N
     config = AdapterConfig.load(path)
     spec = model_spec(model_arg, config)
     model = build_model(spec, device="meta")
-    bases = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and name in config.layers}
     try:
         apply_adapter(model, config)
     except AdapterConfigError as e:
         raise AdapterConfigError(f"{path} for model {spec!r}", e.problems) from None
-    layers = adapter_layers(model)
+    prefix = model.circtune_prefix  # a task model holds the config's names under one prefix
     rows = []
-    for name, layer in layers.items():
+    for name, layer in adapter_layers(model).items():
+        name = name.removeprefix(prefix)
         lc = config.layers[name]
         params = sum(p.numel() for _, p in layer.adapter_named_parameters())
-        rows.append({"name": name, "d_in": bases[name][0], "d_out": bases[name][1], **lc.to_dict(), "params": params})
+        rows.append({"name": name, "d_in": layer.in_features, "d_out": layer.out_features, **lc.to_dict(),
+                     "params": params})
     summary = {"config": str(path), "model": spec, "base_model": config.base_model, "layers": rows,
                "methods": {m: sum(r["method"] == m for r in rows) for m in dict.fromkeys(r["method"] for r in rows)},
                "trainable_params": sum(r["params"] for r in rows), "weights": None}
@@ -128,7 +129,7 @@ def check(config_arg: str, model_arg: str | None = None, weights: str | None = N
         weights = os.fspath(weights)
         tensors, metadata = _read_weights(weights)
         if metadata.get("format") == WEIGHTS_FORMAT and "config" in metadata:
-            mismatch = _weights_mismatch(stored_config(weights, metadata), config)
+            mismatch = _weights_mismatch(stored_config(weights, metadata), config, prefix)
             if mismatch:
                 raise ValueError(problems_message(f"adapter weights {weights} were saved for another config than "
                                                   f"{path}", mismatch))

@@ -196,7 +196,7 @@ def _config_folder(spec: str) -> str | None:
 
 
 def _folder_config(folder: str):
-    from transformers import CONFIG_MAPPING, AutoConfig, __version__
+    from transformers import CONFIG_MAPPING, __version__
 
     file = os.path.join(folder, "config.json")
     if not os.path.isfile(file):
@@ -215,32 +215,45 @@ def _folder_config(folder: str):
     try:
         config_class = CONFIG_MAPPING[model_type]
     except KeyError:
+        # One line: transformers' own message lists every model type it knows (about 12,000 characters).
         close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        try:
-            AutoConfig.for_model(model_type)  # only for transformers' own words
-            said = f"no config class for {model_type!r}"
-        except (ValueError, KeyError) as e:
-            said = str(e)
-        raise ValueError(f"{file}: model_type {model_type!r} is not known to transformers {__version__}{hint}\n"
-                         f"transformers said: {said}") from None
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+            "; a newer transformers may know it (pip install -U transformers)"
+        raise ValueError(f"{file}: model_type {_brief(model_type)} is not known to transformers {__version__}"
+                         f"{hint}") from None
     try:
         return config_class.from_dict(data)
     except Exception as e:  # whatever the config class rejects, say which file it came from
         raise ValueError(f"invalid config in {file}: {type(e).__name__}: {e}") from e
 
 
+def _brief(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _unknown_model(spec: str) -> ValueError:
     names = builtin_names()
     by_key = {a.lower(): n for n, b in BUILTIN_MODELS.items() for a in (n, *b.aliases)}
+    looks_like_path = spec.startswith(("~", ".", "/"))
+    if "/" in spec and not looks_like_path:
+        # A Hugging Face Hub id: suggest a built-in only when it is nearly one of their hub ids; "did you mean
+        # roberta-base" for microsoft/deberta-v3-base would send the user to another model.
+        aliases = {a.lower(): n for n, b in BUILTIN_MODELS.items() for a in b.aliases}
+        close = difflib.get_close_matches(spec.lower(), list(aliases), n=1, cutoff=0.9)
+        near = f"did you mean {aliases[close[0]]!r}? otherwise: " if close else ""
+        return ValueError(f"model {_brief(spec)} is not a built-in name, and there is no such folder here ({near}"
+                          "circtune never downloads: a hub model needs a local folder holding its config.json, e.g. "
+                          f"`huggingface-cli download {spec} config.json --local-dir DIR`, then --model DIR); built-in "
+                          f"models: {', '.join(names)}")
     close = difflib.get_close_matches(spec.lower(), list(by_key), n=1)
     if close:
         hint = f" (did you mean {by_key[close[0]]!r}?)"
-    elif "/" in spec or spec.startswith(("~", ".")):
+    elif looks_like_path:
         hint = " (no such folder here; circtune never downloads)"
     else:
         hint = ""
-    return ValueError(f"unknown model {spec!r}{hint}; built-in models: {', '.join(names)}; "
+    return ValueError(f"unknown model {_brief(spec)}{hint}; built-in models: {', '.join(names)}; "
                       f"or pass a folder with config.json, or module:callable")
 
 

@@ -201,8 +201,9 @@ def check_page_target(out: str | os.PathLike, kind: str, *, force: bool, option:
         found = page_kind(path)
         if found != kind:
             rec = written_by(path.parent, path.name)
-            what = (f"it was written by 'circtune {rec.get('subcommand')}'" if rec
-                    else f"it is a circtune {found} page" if found else "it is not a circtune report page")
+            what = (f"it is a circtune {found} page" if found
+                    else f"it was written by 'circtune {rec.get('subcommand')}'" if rec
+                    else f"it is not a circtune {kind} page")
             raise OutputError(f"{option} {path}: the file exists and {what}; pass another {option}, or --force to "
                               "overwrite it")
     check_writable(path.parent, option)

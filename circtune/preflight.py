@@ -144,12 +144,12 @@ def check_budget(budget: int, min_fill: float, layer_ranges: Sequence[tuple[int,
 
 def describe_space_misfit(shapes: Mapping[tuple[int, int], Sequence[str]], source: str,
                           block_sizes: Sequence[int] | None) -> str:
-    """One line naming the layers whose shape no block size of the space divides, and what would."""
+    """One line naming the space file, the layers whose shape none of its block sizes divides, and what would."""
     (d_in, d_out), names = next(iter(shapes.items()))
     g = math.gcd(d_in, d_out)
     divisors = [p for p in range(1, g + 1) if g % p == 0]
-    sizes = f"block sizes {', '.join(map(str, block_sizes))}" if block_sizes else "its block-size range"
+    sizes = ", ".join(map(str, block_sizes)) if block_sizes else "its block_sizes range"
     more = f" (and {len(shapes) - 1} more shape(s))" if len(shapes) > 1 else ""
-    return (f"search space {source}: {sizes} divide(s) no dimension pair of the {d_in}x{d_out} target layer(s) "
-            f"{', '.join(names[:2])}{' ...' if len(names) > 2 else ''}{more}; a block size must divide "
-            f"gcd(d_in, d_out)={g}: one of {', '.join(map(str, divisors[-8:]))}")
+    return (f"search space {source}: no block size in it ({sizes}) divides both dimensions of the {d_in}x{d_out} "
+            f"target layer(s) {', '.join(names[:2])}{' ...' if len(names) > 2 else ''}{more}; a block size must "
+            f"divide gcd(d_in, d_out)={g}: {', '.join(map(str, divisors[-8:]))}")

@@ -107,6 +107,13 @@ def _write_inputs(folder):
     for name, text in SPACES.items():
         (folder / f"space_{name}.toml").write_text(text)
     (folder / "space_binary.toml").write_bytes(b"\xff\xfe\x00methods")
+    (folder / "space_misfit.toml").write_text("block_sizes = [7, 5]\n")  # divides neither 48x96 nor 64x64
+    (folder / "space_half.toml").write_text("methods = ['c3a']\nblock_sizes = [32]\n")  # 64x64 only
+    (folder / "unknown_type").mkdir()
+    (folder / "unknown_type" / "config.json").write_text('{"model_type": "no-such-arch"}')
+    from tiny_models import tiny_roberta
+
+    tiny_roberta(folder / "tiny_roberta")  # 40 positions: sequences of up to 38 tokens
     (folder / "space_folder.toml").mkdir()
     (folder / "not_a_config").mkdir()
 
@@ -379,8 +386,103 @@ def test_hostile_input_is_one_line_exit_2_and_touches_nothing(run_folder, tmp_pa
     assert _snapshot(run_folder) == before
 
 
+# Checks that need no measurement: each must be refused before anything is measured or written. Search and profile
+# cases write (if they fail to refuse) into a fresh folder and a fresh, empty store: afterwards the folder must not
+# exist and the store must hold no measurement.
+PREFLIGHT = [
+    (["search", "--model", "roberta-large", "--budget", "40k", "--no-validate"],
+     "budget 40k cannot be met: the 48 target layers of roberta-large with search space built-in default.toml take "
+     "from 49,152 to 4,915,200 adapter parameters; budgets from 49.2k to 5.46M work (--min-fill 0.9)"),
+    (["search", "--model", "roberta-large", "--budget", "3"], "budget 3 cannot be met"),
+    (["search", *SEARCH, *MODEL, "--space", "{run}/space.toml", "--min-fill", "1"],
+     "budget 900 cannot be met: the 3 target layers of two_shapes with search space {run}/space.toml take from 832 "
+     "to 832 adapter parameters; budgets from 832 to 832 work (--min-fill 1)"),
+    (["search", "--model", "{in}/tiny_roberta", "--budget", "300", "--batch-size", "1", "--seq-len", "4096"],
+     "--seq-len 4096 is longer than tiny_roberta takes (38 positions); use --seq-len 38 or less"),
+    (["search", "--budget", "900", *MODEL, "--space", "{run}/space.toml"],
+     "model 'tiny_models:two_shapes' cannot be validated as a whole: cannot feed embeddings to TwoShapes"),
+    (["search", "--budget", "900", *MODEL, "--space", "{run}/space.toml"], "; pass --no-validate to search without"),
+    (["profile", *MODEL, "--tokens", "1000000000"],
+     "--tokens 1,000,000,000: one training step of the 48x96 layer needs at least 1.05 TiB, more than the"),
+    (["profile", *MODEL, "--space", "{in}/space_misfit.toml"],
+     "search space {in}/space_misfit.toml: no block size in it (5, 7) divides both dimensions of the 48x96 target "
+     "layer(s) blocks.0.up, blocks.1.up (and 1 more shape(s)); a block size must divide gcd(d_in, d_out)=48"),
+    (["search", *SEARCH, *MODEL, "--space", "{in}/space_half.toml"],
+     "space_half.toml: no block size in it (32) divides both dimensions of the 48x96 target layer(s)"),
+    (["search", *SEARCH, *MODEL, "--space", "{run}/space.toml", "--backends", "triton"],
+     "no candidate of search space {run}/space.toml for the 48x96 target layers with --methods c3a,cdvft "
+     "--backends triton"),
+    (["search", "--methods", "lora"], "--methods: 'lora' is not accepted; accepted: c3a, cdvft"),
+    (["search", "--backends", "cuda_magic"], "--backends: 'cuda_magic' is not accepted; accepted: torch, dense"),
+    (["search", "--trials", "1000000000"], "--trials 1000000000 is more than one study runs (at most 100,000"),
+    (["profile", *MODEL, "--min-time", "nan"], "--min-time must be a number of seconds, zero or more, got nan"),
+    (["profile", *MODEL, "--min-time", "inf"], "--min-time must be a number of seconds, zero or more, got inf"),
+    (["profile", *MODEL, "--device", "cpu:1"], "device 'cpu:1': the CPU has no index"),
+    (["search", *SEARCH, *MODEL, "--device", "tpu"], "device 'tpu' is not a device torch knows"),
+    (["profile", "--model", "microsoft/deberta-v3-base"],
+     "model 'microsoft/deberta-v3-base' is not a built-in name, and there is no such folder here (circtune never "
+     "downloads: a hub model needs a local folder holding its config.json"),
+    (["profile", "--model", "{in}/unknown_type"],
+     "{in}/unknown_type/config.json: model_type 'no-such-arch' is not known to transformers"),
+    (["search", "--objective", "speed"],
+     "argument --objective: invalid choice: 'speed' (choose from 'latency', 'memory', 'balanced'); see `circtune "
+     "search --help`"),
+    (["profile", "--tokens", "1e9"], "argument --tokens: invalid int value: '1e9'; see `circtune profile --help`"),
+    (["search", "--budget", "900", *MODEL, "--no-validate", "--out", "{in}/good.json"],
+     "--out {in}/good.json is a file, not a folder"),
+    (["profile", *MODEL, "--out", "{in}/good.json/sub"], "--out {in}/good.json/sub: {in}/good.json is a file"),
+    # /proc cannot hold a new file, whoever runs the test (root writes through permission bits)
+    (["profile", *MODEL, "--out", "/proc/circtune-out"], "--out /proc/circtune-out: cannot write in /proc"),
+    (["report", "{search}", "-o", "{search}/trials.csv"],
+     "-o {search}/trials.csv: the file exists and it was written by 'circtune search'; pass another -o, or --force"),
+    (["report", "{search}", "-o", "{in}/good.json"], "the file exists and it is not a circtune report page; pass another -o, or --force"),
+    (["report", "{search}", "-o", "{in}"], "-o {in} is a folder; pass the HTML file to write, e.g. {in}/report.html"),
+    (["compare", "{search}", "{search}", "-o", "{search}/adapter_config.json"],
+     "-o {search}/adapter_config.json: the file exists and it was written by 'circtune search'"),
+    (["compare", "{search}", "{search}", "-o", "{search}/report.html"],
+     "the file exists and it is a circtune report page; pass another -o, or --force"),
+]
+
+
+@pytest.mark.parametrize("argv, message", PREFLIGHT, ids=_ids(PREFLIGHT))
+def test_cheap_checks_refuse_before_measuring_in_one_line(run_folder, tmp_path, capsys, argv, message):
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    MeasurementStore(fresh / "store.db").close()  # an empty store: the tables, no row
+    before, before_fresh = _snapshot(run_folder), sorted(p.name for p in fresh.iterdir())
+    paths = _paths(run_folder, tmp_path)
+    argv = [_fill(a, paths) for a in argv]
+    if argv[0] in ("search", "profile"):
+        if "--out" not in argv:
+            argv += ["--out", str(fresh / "out")]
+        argv += ["--store", f"sqlite:///{fresh / 'store.db'}"]
+    code, err = _run(argv, capsys)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"circtune {argv[0]}: error: "), err
+    assert _fill(message, paths) in lines[0]
+    assert sorted(p.name for p in fresh.iterdir()) == before_fresh  # no output folder
+    store = MeasurementStore(fresh / "store.db")
+    assert store.query() == []  # nothing was measured
+    store.close()
+    assert _snapshot(run_folder) == before
+
+
+def test_threads_beyond_the_cpus_are_clamped_with_a_note(run_folder, tmp_path, capsys):
+    import os
+
+    folder = _copy(run_folder, tmp_path)
+    argv = ["profile", *PROFILE, "--space", str(folder / "space.toml"), "--out", str(folder / "out"),
+            "--threads", "1000", "--store", f"sqlite:///{tmp_path / 'threads.db'}"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    cpus = len(os.sched_getaffinity(0))
+    assert f"note: --threads 1000 is more than the {cpus} CPUs here; using {cpus}" in err
+    assert f"({cpus} threads)" in err
+
+
 def test_the_table_covers_every_hostile_file(run_folder):
-    used = {a.rsplit("/", 1)[-1] for argv, _ in CASES for a in argv if a.startswith("{in}/")}
+    used = {a.rsplit("/", 1)[-1] for argv, _ in CASES + PREFLIGHT for a in argv if a.startswith("{in}/")}
     written = {p.name for p in (run_folder / "in").iterdir()} - {"good.json", "good.safetensors", "not_a_config"}
     assert written <= used, written - used
 

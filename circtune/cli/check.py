@@ -121,6 +121,7 @@ def check(config_arg: str, model_arg: str | None = None, weights: str | None = N
     summary = {"config": str(path), "model": spec, "base_model": config.base_model, "layers": rows,
                "methods": {m: sum(r["method"] == m for r in rows) for m in dict.fromkeys(r["method"] for r in rows)},
                "trainable_params": sum(r["params"] for r in rows), "weights": None}
+    summary["warnings"] = _cannot_run_here(rows)
     recorded = config.metadata.get("total_params")
     if isinstance(recorded, int) and recorded != summary["trainable_params"]:
         summary["note"] = (f"the config records total_params {recorded}, the layers have "
@@ -143,6 +144,24 @@ def check(config_arg: str, model_arg: str | None = None, weights: str | None = N
     return summary
 
 
+def _cannot_run_here(rows: list[dict]) -> list[str]:
+    """Backends of the config that this machine cannot run. A warning, not a refusal: checking a GPU machine's
+    config on a laptop before shipping it is what check is for; training with it here would fail."""
+    import torch
+
+    from ..adapters import get_backend
+
+    here = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = []
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        reason = get_backend(backend).unavailable_reason(here)
+        if reason:
+            n = sum(r["backend"] == backend for r in rows)
+            out.append(f"{n} layer(s) use backend {backend}, which cannot run on this machine ({here.type}: "
+                       f"{reason}); the config is valid, but apply it where the backend runs, or change the backend")
+    return out
+
+
 def _format(summary: dict) -> str:
     methods = ", ".join(f"{n} {m}" for m, n in summary["methods"].items())
     lines = [f"{summary['config']}: valid for {summary['model']}: {len(summary['layers'])} layers ({methods}), "
@@ -156,6 +175,7 @@ def _format(summary: dict) -> str:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     if "note" in summary:
         lines.append(f"note: {summary['note']}")
+    lines += [f"warning: {w}" for w in summary["warnings"]]
     w = summary["weights"]
     lines.append("weights: not checked (pass --weights FILE.safetensors)" if w is None else
                  f"weights {w['path']}: loaded, {w['tensors']} tensors, {w['params']:,} values, all finite, every "

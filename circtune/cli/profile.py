@@ -211,7 +211,9 @@ def prepare(args: argparse.Namespace, overrides: dict | None = None, lora_budget
     check_tokens_fit(tokens, list(model.shapes), max(DTYPES[d].itemsize for d in dtypes),
                      (info.properties.get("total_memory_mb") or 0) * 2**20, info.name)
     extra = more_checks(model, space, plans, info, device, tokens) if more_checks else {}
-    identity = {"model": model.spec, "targets": list(model.target_names), "space": {k: v for k, v in asdict(space).items() if k not in ("source", "description")},
+    # A space's identity is its content: the same file copied elsewhere, or a built-in one, is the same space.
+    space_identity = {k: v for k, v in asdict(space).items() if k not in ("source", "description")}
+    identity = {"model": model.spec, "targets": list(model.target_names), "space": space_identity,
                 "device": info.label, "tokens": tokens, "dtypes": list(dtypes), "lora_ranks": sorted(set(ranks)),
                 "peft": not args.no_peft, **extra}
     out = Path(args.out) if args.out else default_out(model.name, info.label, command)
@@ -256,7 +258,7 @@ def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget:
     frame = to_frame(result.measurements, model.name, model.shapes)
     write_csv_atomic(frame, out / "measurements.csv")
     summary = {
-        "model": model.to_dict(), "space": {k: v for k, v in asdict(space).items() if k not in ("source", "description")}, "device": info.to_dict(), "store": masked_url(store.url),
+        "model": model.to_dict(), "space": asdict(space), "device": info.to_dict(), "store": masked_url(store.url),
         "tokens": settings.tokens, "dtypes": list(settings.dtypes), "timing": asdict(settings.timing),
         "command": command_line(), "subcommand": getattr(args, "command", None),
         "measured": result.measured, "reused": result.reused, "failed": len(result.failed),

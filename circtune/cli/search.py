@@ -85,6 +85,9 @@ def _search_checks(args: argparse.Namespace, budget: int, methods: list[str] | N
     from ..preflight import PreflightError, check_budget, check_seq_len, max_positions
 
     def checks(model, space, plans, info, device, tokens) -> dict:
+        config = model_config(model.spec)
+        if config is not None:
+            check_seq_len(seq_len, max_positions(config), model.name)
         by_shape = {(p.d_in, p.d_out): p for p in plans}
         ranges = []
         for shape, plan in by_shape.items():
@@ -100,9 +103,6 @@ def _search_checks(args: argparse.Namespace, budget: int, methods: list[str] | N
         filters = "".join(f" {o} {','.join(v)}" for o, v in (("--methods", methods), ("--backends", backends)) if v)
         check_budget(budget, args.min_fill, ranges, f"the {len(model.targets)} target layers of {model.name} with "
                      f"search space {space.source}{filters}")
-        config = model_config(model.spec)
-        if config is not None:
-            check_seq_len(seq_len, max_positions(config), model.name)
         if not args.no_validate:
             from ..validate import ModelStep, hidden_size
 

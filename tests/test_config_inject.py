@@ -94,8 +94,8 @@ def test_apply_errors_name_each_layer_and_leave_the_model_untouched():
     with pytest.raises(AdapterConfigError) as e:
         circtune.apply_adapter(model, cfg)
     msg = str(e.value)
-    assert ("qeury']: RobertaModel has no module of that name under any prefix tried (''); did you mean "
-            "'encoder.layer.0.attention.self.query'") in msg
+    assert ("qeury']: RobertaModel has no module of that name; did you mean "
+            "'encoder.layer.0.attention.self.query'? (prefixes tried: '')") in msg
     assert "attention.self']: is a RobertaSelfAttention, not an nn.Linear" in msg
     assert "value']: block_size=5 does not divide the layer's shape (d_in=96, d_out=96)" in msg
     assert {n: type(m) for n, m in model.named_modules()} == before

@@ -196,8 +196,8 @@ def test_failures_leave_the_model_as_it_was(tmp_path):
     model = task_model(name)
     before = _snapshot(model)
     with pytest.raises(ValueError, match=r"layers\['model.layers.0.self_attn.q_proj'\]: RobertaForSequence"
-                                         r"Classification has no module of that name under any prefix tried \(''\) "
-                                         r"\(nor 5 more"):
+                                         r"Classification has no module of that name \(nor 5 more of the config's "
+                                         r"layers; prefixes tried: ''\)"):
         circtune.load_adapter(model, tmp_path / "llama.safetensors")
     _assert_unchanged(model, before)
     with pytest.raises(ValueError, match=r"out_proj.weight: file has shape \[2, 64\], model expects \[3, 64\]"):
@@ -249,7 +249,7 @@ def test_prefix_resolution_errors_are_one_line():
     with pytest.raises(AdapterConfigError) as e:
         circtune.apply_adapter(llama, task_adapter_config("roberta-seq-cls"))
     assert str(e.value).count("\n") == 0 and "layers['encoder.layer.0.attention.self.query']: LlamaForCausalLM " \
-        "has no module of that name under any prefix tried ('') (nor 5 more of the config's layers)" in str(e.value)
+        "has no module of that name (nor 5 more of the config's layers; prefixes tried: '')" in str(e.value)
 
 
 def test_exporting_the_base_inside_an_adapted_task_model(tmp_path):

@@ -268,7 +268,8 @@ def load_state(model: nn.Module, cfg: AdapterConfig, tensors: Mapping[str, torch
     existing = adapter_layers(model)
     plan = None
     if existing:
-        layers = {n: existing[prefix + n] for n in cfg.layers if prefix + n in existing}
+        # Every adapter of the model must be in the file, as every layer of the file must be in the model.
+        layers = {n.removeprefix(prefix): layer for n, layer in existing.items()}
         problems = _head_problems(model, modules, [prefix + h for h in heads], list(existing))
     else:
         wanted = dict.fromkeys((*default_heads(model), *(prefix + h for h in heads)))

@@ -72,10 +72,10 @@ class Resolution:
         near = difflib.get_close_matches(self.best + first, [n for n, m in modules.items()
                                                              if isinstance(m, nn.Linear)], 1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        more = f" (nor {len(self.missing) - 1} more of the config's layers)" if len(self.missing) > 1 else ""
-        tried = ", ".join(map(repr, self.tried[:4])) + (f", ... ({len(self.tried)} in all)" if len(self.tried) > 4
-                                                         else "")
-        return f"layers[{first!r}]: {cls} has no module of that name under any prefix tried ({tried}){more}{hint}"
+        more = f"nor {len(self.missing) - 1} more of the config's layers; " if len(self.missing) > 1 else ""
+        shown = ", ".join(map(repr, self.tried[:4]))
+        tried = shown + (f", ... ({len(self.tried)} in all)" if len(self.tried) > 4 else "")
+        return f"layers[{first!r}]: {cls} has no module of that name{hint} ({more}prefixes tried: {tried})"
 
 
 def resolve_prefix(names: Iterable[str], modules: Mapping[str, nn.Module]) -> Resolution:

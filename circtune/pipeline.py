@@ -26,8 +26,10 @@ from .search import (
     Assignment,
     Problem,
     build_problem,
+    check_study_identity,
     complete_trials,
     exact_optimum,
+    existing_study,
     neighbours,
     ranked_assignments,
     run_study,
@@ -146,11 +148,12 @@ def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info,
     seeds = [optimum, *neighbours(problem, optimum), *uniform_c3a(problem)]
     name = args.study_name or f"circtune-{model.name}-{info.fingerprint}-t{settings.tokens}-{dtype}-{problem.key()}"
     worker = this_worker()
-    # The study's own identity: what it chooses from; the trial count and the study's name are not part of it.
-    study_identity = {k: v for k, v in identity.items() if k not in ("study_name", "objective", "top", "validate")}
+    chosen = {**study_identity(identity), "problem": problem.key()}
+    # A derived name holds the problem's digest: runs that reach it choose from the same options, whichever options
+    # they were given (--backends torch on a torch-only space). A name the user chose must also match them.
     study = run_study(problem, storage=storage, study_name=name, n_trials=args.trials, seeds=seeds,
                       sampler=args.sampler, seed=args.seed, progress=not args.quiet, worker=worker,
-                      identity={**study_identity, "problem": problem.key()})
+                      identity=chosen, identity_ignore=() if args.study_name else [k for k in chosen if k != "problem"])
     store = MeasurementStore(storage)
     lock = f"study-outputs:{name}"
     try:
@@ -176,6 +179,23 @@ def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info,
             store.release(lock, worker)
     finally:
         store.close()
+
+
+def study_identity(identity: dict) -> dict:
+    """A study's identity: what it chooses from. Its name, its trial count and how its outputs are picked and
+    validated are not part of it."""
+    return {k: v for k, v in identity.items() if k not in ("study_name", "objective", "top", "validate")}
+
+
+def check_named_study(storage: str, name: str | None, identity: dict, budget: int, min_fill: float) -> None:
+    """Before profiling: refuse a ``--study-name`` that names a study of another search in the store (its problem
+    digest, known only after profiling, is checked when the study is joined)."""
+    if not name:
+        return
+    study = existing_study(storage, name)
+    if study is not None:
+        check_study_identity(study, study_identity(identity), budget=budget, min_fill=min_fill, storage=storage,
+                             ignore=("problem",))
 
 
 def _own_trials(study, worker: str) -> str:

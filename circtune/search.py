@@ -380,7 +380,7 @@ def complete_trials(study) -> list:
 
 def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int, seeds: Sequence[Assignment] = (),
               sampler: str = "tpe", seed: int | None = 0, progress: bool = True, worker: str | None = None,
-              heartbeat_s: int = HEARTBEAT_S, identity: Mapping | None = None):
+              heartbeat_s: int = HEARTBEAT_S, identity: Mapping | None = None, identity_ignore: Sequence[str] = ()):
     """Create or join the study ``study_name`` in ``storage`` (a SQLAlchemy URL) and run trials until it holds
     ``n_trials`` complete ones; returns the study.
 
@@ -391,7 +391,8 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
     Every trial records its ``worker`` (``host:pid``); a killed run loses only the trial in flight, which the
     next run fails and enqueues again. Several workers may overshoot ``n_trials`` by one trial each at most.
     ``identity`` (JSON-able: what the study chooses from) is recorded when the study is created; joining a study
-    of another identity (a ``--study-name`` reused with another budget, say) raises :class:`StudyMismatch`.
+    of another identity (a ``--study-name`` reused with another budget, say; ``identity_ignore`` keys aside)
+    raises :class:`StudyMismatch`.
     """
     import optuna
 
@@ -419,7 +420,8 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
                 if identity is not None:
                     study.set_user_attr("identity", _plain(identity))
             else:
-                _check_study(study, problem, identity, storage)
+                check_study_identity(study, identity, budget=problem.budget, min_fill=problem.min_fill,
+                                     storage=storage, ignore=identity_ignore)
             have = {t.user_attrs.get("label") for t in study.get_trials(deepcopy=False)
                     if t.user_attrs.get("source") in ("optimum", "seed")}
             for a in seeds:
@@ -474,24 +476,43 @@ def _plain(identity: Mapping | None) -> dict:
     return json.loads(json.dumps(dict(identity or {}), default=str))
 
 
-def _check_study(study, problem: Problem, identity: Mapping | None, storage: str) -> None:
-    """Refuse to join a study made for another search: its recorded identity (or, for studies recorded before
-    identities were, its budget and fill) must match."""
+def check_study_identity(study, identity: Mapping | None, *, budget: int, min_fill: float, storage: str,
+                         ignore: Sequence[str] = ()) -> None:
+    """Refuse (:class:`StudyMismatch`) to join a study made for another search: its recorded identity (or, for
+    studies recorded before identities were, its budget and fill) must match, ``ignore`` keys aside."""
     from .measure.store import masked_url
 
     found = study.user_attrs.get("identity")
     if found is not None and identity is not None:
         wanted = _plain(identity)
         diff = [f"{k} {found.get(k)!r} (this run: {wanted.get(k)!r})" for k in dict.fromkeys([*found, *wanted])
-                if found.get(k) != wanted.get(k)]
+                if k not in ignore and found.get(k) != wanted.get(k)]
     else:
         diff = [f"{k} {study.user_attrs.get(k)!r} (this run: {v!r})"
-                for k, v in (("budget", problem.budget), ("min_fill", problem.min_fill))
-                if study.user_attrs.get(k) != v]
+                for k, v in (("budget", budget), ("min_fill", min_fill)) if study.user_attrs.get(k) != v]
     if diff:
         raise StudyMismatch(f"study {study.study_name!r} in {masked_url(storage)} was made for another search: "
                             f"{', '.join(diff[:3])}{' ...' if len(diff) > 3 else ''}; pass another --study-name, or "
                             "this study's options")
+
+
+def existing_study(storage: str, study_name: str):
+    """The study ``study_name`` in ``storage`` if the store holds Optuna's tables and that study, else None; creates
+    nothing."""
+    import optuna
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(storage)
+    try:
+        if not inspect(engine).has_table("studies"):
+            return None
+    finally:
+        engine.dispose()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        return optuna.load_study(study_name=study_name, storage=study_storage(storage))
+    except KeyError:
+        return None
 
 
 def trial_assignments(problem: Problem, study) -> list[tuple[object, Assignment]]:

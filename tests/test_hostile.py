@@ -590,3 +590,76 @@ def test_corrupt_adapter_files_name_the_problem(tmp_path):
               {"format": "circtune.adapter-weights/1", "config": "[]"})
     with pytest.raises(circtune.AdapterConfigError, match="top level: expected a JSON object, got list"):
         circtune.load_adapter(model, tmp_path / "list.safetensors")
+
+
+def _manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())["files"]
+
+
+def test_other_options_in_a_folder_are_refused_and_a_forced_run_is_never_reported_as_written(run_folder, tmp_path,
+                                                                                             capsys):
+    """A re-run with other --backends used to replace the pick silently, and the original command then said its
+    outputs "were written" there. Now: refused before measuring; with --force written and recorded; the original
+    command refused in turn; with --force it writes its outputs again rather than claiming them."""
+    folder = _copy(run_folder, tmp_path)
+    space = ["--space", str(folder / "space.toml")]
+    original = ["search", *PROFILE, *space, *SEARCH, "--out", str(folder / "search")]
+    other = [*original, "--backends", "torch"]
+    capsys.readouterr()
+    before = _snapshot(folder)
+    code, err = _run(other, capsys)
+    assert code == 2
+    assert "holds a search run with other options: backends None (this run: ['torch'])" in _error_line(err, "search")
+    assert _snapshot(folder) == before
+
+    assert main([*other, "--force"]) == 0
+    assert "wrote trials.csv, validation.csv, adapter_config.json" in capsys.readouterr().err
+    files = _manifest(folder / "search")
+    assert files["adapter_config.json"]["options"]["backends"] == ["torch"]
+    assert files["measurements.csv"]["options"]["backends"] == ["torch"]
+    assert files["adapter_config.json"]["subcommand"] == "search" and "command" in files["adapter_config.json"]
+
+    code, err = _run(original, capsys)
+    assert code == 2 and "were written" not in err
+    assert "backends ['torch'] (this run: None)" in _error_line(err, "search")
+
+    assert main([*original, "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "were written" not in err and "wrote trials.csv, validation.csv, adapter_config.json" in err
+    assert _manifest(folder / "search")["adapter_config.json"]["options"]["backends"] is None
+    # And now the same command again: the outputs are there, written by this study with these options.
+    assert main(original) == 0
+    assert "is complete and its outputs for these options were written by" in capsys.readouterr().err
+
+
+def test_a_study_name_of_another_search_is_refused(run_folder, tmp_path, capsys):
+    """An explicit --study-name with another budget used to print "outputs ... were written" (exit 0, nothing
+    written); now it is refused before anything is written."""
+    folder = _copy(run_folder, tmp_path)
+    space = ["--space", str(folder / "space.toml")]
+    store = ["--store", str(folder / "search" / "circtune.db")]
+    first = ["search", *PROFILE, *space, *SEARCH, *store, "--study-name", "mine", "--out", str(folder / "a")]
+    assert main(first) == 0
+    capsys.readouterr()
+    second = ["search", *PROFILE, *space, *SEARCH[2:], "--budget", "880", *store, "--study-name", "mine",
+              "--out", str(folder / "b")]
+    code, err = _run(second, capsys)
+    assert code == 2
+    assert "study 'mine' in sqlite:///" in _error_line(err, "search")
+    assert "was made for another search: budget 900 (this run: 880); pass another --study-name" in err
+    assert not (folder / "b").exists()
+
+
+def test_report_and_compare_rebuild_their_own_pages_and_force_overrides(run_folder, tmp_path, capsys):
+    folder = _copy(run_folder, tmp_path)
+    run = folder / "search"
+    assert main(["report", str(run), "--plotlyjs", "cdn"]) == 0  # the search's own report.html: rebuilt
+    assert _manifest(run)["report.html"]["subcommand"] == "report"
+    page = tmp_path / "cmp.html"
+    assert main(["compare", str(run), str(run), "-o", str(page), "--plotlyjs", "cdn"]) == 0
+    assert main(["compare", str(run), str(run), "-o", str(page), "--plotlyjs", "cdn"]) == 0  # its own page again
+    trials = (run / "trials.csv").read_bytes()
+    assert main(["report", str(run), "-o", str(run / "trials.csv"), "--plotlyjs", "cdn"]) == 2
+    assert (run / "trials.csv").read_bytes() == trials
+    assert main(["report", str(run), "-o", str(run / "trials.csv"), "--plotlyjs", "cdn", "--force"]) == 0
+    assert (run / "trials.csv").read_text().startswith("<!DOCTYPE html>")

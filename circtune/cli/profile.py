@@ -166,10 +166,12 @@ def check_fit(plans, space, model, *, every_shape: bool) -> None:
 
 
 def prepare(args: argparse.Namespace, overrides: dict | None = None, lora_budget: int | None = None,
-            expected: dict | None = None, more_checks=None, files: tuple[str, ...] = PROFILE_FILES):
+            expected: dict | None = None, more_checks=None, files: tuple[str, ...] = PROFILE_FILES,
+            last_check=None):
     """Resolve the model, space, device, settings, output folder and store from the arguments, running every check
     that needs no measurement first. ``more_checks(model, space, plans, info, device, tokens)`` adds the caller's (a
-    search's budget) and returns the caller's options for the identity; ``files`` are those the run will write.
+    search's budget) and returns the caller's options for the identity; ``files`` are those the run will write;
+    ``last_check(identity, store_url)`` runs once the store is open (a search's study name).
     Returns (model, space, info, settings, out, store, plans, identity)."""
     import torch
 
@@ -221,6 +223,12 @@ def prepare(args: argparse.Namespace, overrides: dict | None = None, lora_budget
     check_output_folder(out, model.spec, force=args.force, command=command, **(expected or {}))
     check_folder(out, files, subcommand=command or "profile", identity=identity, force=args.force)
     store = MeasurementStore(args.store or out / "circtune.db")
+    if last_check is not None:
+        try:
+            last_check(identity, store.url)
+        except BaseException:
+            store.close()
+            raise
     return model, space, info, settings, out, store, plans, identity
 
 
@@ -231,7 +239,8 @@ def masked_url(url: str) -> str:
 
 
 def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget: int | None = None,
-            expected: dict | None = None, more_checks=None, files: tuple[str, ...] = PROFILE_FILES):
+            expected: dict | None = None, more_checks=None, files: tuple[str, ...] = PROFILE_FILES,
+            last_check=None):
     """Profile as ``circtune profile`` does (``defaults`` override the device defaults; see :func:`prepare` for the
     rest) and write ``measurements.csv`` and ``profile.json`` into the output folder, recorded in its manifest.
     Returns (model, info, settings, out, store url, plans, result, frame, identity)."""
@@ -243,7 +252,7 @@ def profile(args: argparse.Namespace, defaults: dict | None = None, lora_budget:
     from ..outputs import record
 
     model, space, info, settings, out, store, plans, identity = prepare(args, defaults, lora_budget, expected,
-                                                                        more_checks, files)
+                                                                        more_checks, files, last_check)
     n_cand = sum(len(p.candidates) + len(p.baselines) for p in plans) * len(settings.dtypes)
     print(f"profiling {model.name}: {len(model.targets)} target layers, {len(plans)} unique shapes, "
           f"{n_cand} configurations (candidates + baselines) on {info.name}"

@@ -151,12 +151,13 @@ def run(args: argparse.Namespace) -> int:
     batch, seq_len = _batch_shape(args, cuda)
     dtype = resolve_dtype(args.dtype or "auto", torch.device("cuda" if cuda else "cpu"))
     args.dtype = dtype
+    from ..pipeline import check_named_study, run_search
     from .profile import profile
 
     model, info, settings, out, store_url, plans, result, frame, identity = profile(
         args, {"tokens": batch * seq_len}, budget, {"budget": budget},
-        _search_checks(args, budget, methods, backends, batch, seq_len), files=PROFILE_FILES + SEARCH_FILES)
-    from ..pipeline import run_search
+        _search_checks(args, budget, methods, backends, batch, seq_len), files=PROFILE_FILES + SEARCH_FILES,
+        last_check=lambda identity, url: check_named_study(url, args.study_name, identity, budget, args.min_fill))
 
     summary = run_search(args, budget=budget, model=model, info=info, settings=settings, out=out,
                          storage=store_url, frame=frame, batch=batch, seq_len=seq_len, dtype=dtype,

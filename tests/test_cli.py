@@ -12,6 +12,36 @@ def test_help_and_version(capsys):
     assert "demo" in capsys.readouterr().out
 
 
+def test_help_needs_no_torch_and_says_what_circtune_does():
+    """`circtune --help` and every subcommand's parser are built without importing torch (or pandas, optuna,
+    transformers): a fresh interpreter, so that no other test's imports count."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from circtune.cli.main import build_parser\n"
+            "parser, parsers = build_parser()\n"
+            "text = parser.format_help() + ''.join(p.format_help() for p in parsers.values())\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'pandas', 'optuna', 'transformers'})\n"
+            "print(heavy)\n"
+            "print(text)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0] == "[]"
+    assert "picks, for each layer of your model, the adapter that trains fastest" in out
+    assert "entry point" not in out and "dispatches" not in out
+
+
+def test_search_help_states_the_search_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 128 on the CPU (batch 1 x 128), 4096 on a GPU (8 x 512))" in text
+    with pytest.raises(SystemExit):
+        main(["profile", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 512 on the CPU, 4096 on a GPU)" in text and "runs/<model>-<device>-profile" in text
+
+
 def test_demo_trains_saves_and_reloads(tmp_path, capsys):
     assert main(["demo", "--steps", "3", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -351,6 +351,25 @@ def test_unknown_hub_id_is_not_downloaded(tmp_path):
         resolve_model(str(tmp_path / "missing"))
 
 
+def test_a_hub_id_says_hub_models_need_a_local_folder_not_another_model():
+    """microsoft/deberta-v3-base used to get "did you mean 'roberta-base'": another model entirely."""
+    with pytest.raises(ValueError) as e:
+        resolve_model("microsoft/deberta-v3-base")
+    msg = str(e.value)
+    assert msg.startswith("model 'microsoft/deberta-v3-base' is not a built-in name, and there is no such folder here "
+                          "(circtune never downloads: a hub model needs a local folder holding its config.json")
+    assert "did you mean" not in msg and "\n" not in msg
+    with pytest.raises(ValueError, match=r"\(did you mean 'roberta-large'\? otherwise: circtune never downloads"):
+        resolve_model("FacebookAI/roberta-larg")  # nearly a built-in's own hub id
+
+
+def test_an_unknown_model_type_is_one_short_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-arch"}')
+    with pytest.raises(ValueError) as e:
+        resolve_model(str(tmp_path))
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300, str(e.value)  # transformers' list is ~12,000 chars
+
+
 # --- CLI -------------------------------------------------------------------------------------------
 
 

@@ -3,12 +3,14 @@
 1. Build a small RoBERTa from a config (no download) and let ``circtune search`` pick an adapter per query/value
    layer under a 2k-parameter budget on this machine (a quick profile: small token count, few repetitions).
    Skip this with ``--config PATH`` to use an ``adapter_config.json`` you already have.
-2. ``circtune.apply_adapter(model, config)``: the listed nn.Linear become circulant adapters, everything else is
-   frozen. A new classification head is trained with them.
+2. ``circtune.apply_adapter(model, config)`` on the task model, ``RobertaForSequenceClassification``: the config
+   names the base model's layers (``encoder.layer.0...``), found here under ``roberta.``; the listed nn.Linear
+   become circulant adapters, the new classification head trains with them (PEFT's default for the task),
+   everything else is frozen.
 3. Train a few hundred steps on a synthetic task (is the first token in the lower half of the vocabulary?) and
-   print the loss as it falls; save the adapter (safetensors), reload it into a fresh model, merge it.
+   print the loss as it falls; save the adapter and the head (safetensors), reload them into a fresh model, merge.
 
-    python examples/train_with_config.py [--steps 300] [--config reports/.../adapter_config.json]
+    python examples/train_with_config.py [--steps 300] [--config runs/.../adapter_config.json]
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 import circtune
 from circtune.cli.main import main as circtune_cli
 
 CONFIG = {"model_type": "roberta", "vocab_size": 200, "hidden_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "intermediate_size": 256, "max_position_embeddings": 40, "type_vocab_size": 1}
+LABELS = 2
 
 
 def make_adapter_config(model_dir: Path, out: Path) -> Path:
@@ -44,14 +47,9 @@ def batch(generator: torch.Generator, size: int = 32, seq_len: int = 16) -> tupl
     return ids, (ids[:, 0] < CONFIG["vocab_size"] // 2).long()
 
 
-class Classifier(nn.Module):
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(CONFIG["hidden_size"], 2)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(input_ids=ids).last_hidden_state[:, 0])
+def classifier() -> nn.Module:
+    """A RobertaForSequenceClassification with random weights (a real script loads pretrained ones)."""
+    return AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**CONFIG, num_labels=LABELS))
 
 
 def main() -> None:
@@ -67,18 +65,18 @@ def main() -> None:
     (model_dir / "config.json").write_text(json.dumps(CONFIG))
     config_path = args.config or make_adapter_config(model_dir, out / "search")
 
-    encoder = AutoModel.from_config(AutoConfig.for_model(**CONFIG))
-    encoder = circtune.apply_adapter(encoder, config_path)  # <- the one line
-    model = Classifier(encoder)
+    model = circtune.apply_adapter(classifier(), config_path)  # <- the one line
     trainable = [p for p in model.parameters() if p.requires_grad]
-    print(f"adapter config {config_path}: {sum(p.numel() for p in encoder.parameters() if p.requires_grad):,} "
-          f"adapter parameters, {sum(p.numel() for p in model.head.parameters()):,} in the head")
+    head = sum(p.numel() for p in model.classifier.parameters())
+    print(f"adapter config {config_path}: layer names found under {model.circtune_prefix!r}; "
+          f"{sum(p.numel() for p in trainable) - head:,} adapter parameters, {head:,} in the head "
+          f"({', '.join(model.circtune_modules_to_save)})")
     optimizer = torch.optim.AdamW(trainable, lr=3e-3)
     generator = torch.Generator().manual_seed(1)
     losses = []
     for step in range(1, args.steps + 1):
         ids, labels = batch(generator)
-        loss = nn.functional.cross_entropy(model(ids), labels)
+        loss = model(input_ids=ids, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -89,22 +87,22 @@ def main() -> None:
     ids, labels = batch(torch.Generator().manual_seed(2), size=256)
     model.eval()
     with torch.no_grad():
-        accuracy = (model(ids).argmax(-1) == labels).float().mean().item()
-        reference = model(ids)
+        reference = model(input_ids=ids).logits
+    accuracy = (reference.argmax(-1) == labels).float().mean().item()
     print(f"held-out accuracy {accuracy:.3f}")
 
-    circtune.save_adapter(encoder, out / "adapter.safetensors")
-    fresh = _copy_base(encoder, AutoModel.from_config(AutoConfig.for_model(**CONFIG)))
-    merged = circtune.merge_adapter(circtune.load_adapter(fresh, out / "adapter.safetensors"))
-    model.encoder = merged.eval()
+    circtune.save_adapter(model, out / "adapter.safetensors")  # the adapter and the trained head
+    fresh = _copy_base(model, classifier())
+    merged = circtune.merge_adapter(circtune.load_adapter(fresh, out / "adapter.safetensors")).eval()
     with torch.no_grad():
-        diff = (model(ids) - reference).abs().max().item()
+        diff = (merged(input_ids=ids).logits - reference).abs().max().item()
     print(f"saved {out / 'adapter.safetensors'}; reloaded into a fresh model and merged: max |logit difference| "
           f"{diff:.2e}")
 
 
 def _copy_base(trained: nn.Module, fresh: nn.Module) -> nn.Module:
-    """The fresh model with the trained model's frozen base weights (the adapter file holds adapters only)."""
+    """The fresh model with the trained model's frozen base weights (the adapter file holds the adapters and the
+    head only; a real script loads the same pretrained weights again)."""
     base = {k.replace(".base_layer.", "."): v for k, v in trained.state_dict().items()}
     fresh.load_state_dict({k: v for k, v in base.items() if k in fresh.state_dict()})
     return fresh

@@ -127,6 +127,9 @@ def test_written_peft_config_on_the_task_model_equals_circtune(name, tmp_path):
     assert written.task_type is None
     plain = peft.get_peft_model(task_model(name), written)
     assert _trainable(plain) == adapter_only  # every layer has its own p, whatever the prefix
+    written = peft.C3AConfig.from_pretrained(str(tmp_path / "written"))
+    written.task_type = TASK_TYPES[name]  # the README's route for the search's file: the head trains too
+    assert _trainable(peft.get_peft_model(task_model(name), written)) == _trainable(ours)
 
     pc = circtune.to_peft_config(config, task_model(name))
     assert pc.task_type == TASK_TYPES[name]

@@ -262,6 +262,8 @@ def test_exporting_the_base_inside_an_adapted_task_model(tmp_path):
                                          r"circtune applied; export that model"):
         circtune.export_peft(clf.roberta, tmp_path / "inner")
     assert not (tmp_path / "inner").exists()
+    circtune.merge_adapter(clf)  # a plain model again: its base may be adapted and exported alone
+    circtune.export_peft(circtune.apply_adapter(clf.roberta, task_adapter_config(name)), tmp_path / "inner")
     # Adapted on its own, a base model exports for itself; import_peft also puts it into a task model.
     base = circtune.apply_adapter(task_model(name).roberta, task_adapter_config(name))
     _randomize(base)
@@ -287,3 +289,18 @@ def test_check_accepts_a_task_model(tmp_path):
     with pytest.raises(ValueError, match=r"layers\['encoder.layer.1.attention.self.query'\].block_size: the weights "
                                          "were saved with 4, the config says 8"):
         check(str(tmp_path), "tiny_models:roberta_classifier", str(tmp_path / "a.safetensors"))
+
+
+def test_a_chosen_head_of_a_causal_lm_round_trips_through_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    name = "llama-causal-lm"
+    ours = circtune.apply_adapter(task_model(name), task_adapter_config(name), modules_to_save=["lm_head"])
+    assert ours.lm_head.weight.requires_grad and not ours.model.embed_tokens.weight.requires_grad
+    _randomize(ours)
+    expected = _logits(ours)
+    circtune.export_peft(ours, tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(task_model(name), tmp_path / "peft", is_trainable=True)
+    assert _trainable(theirs) == _trainable(ours) == _adapter_params(task_adapter_config(name), name) + 64 * 50
+    torch.testing.assert_close(_logits(theirs.eval()), expected, atol=1e-5, rtol=1e-4)
+    circtune.save_adapter(ours, tmp_path / "a.safetensors")
+    assert torch.equal(_logits(circtune.load_adapter(task_model(name), tmp_path / "a.safetensors")), expected)

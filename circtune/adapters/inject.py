@@ -326,4 +326,7 @@ def merge_adapter(model: nn.Module, unload: bool = True) -> nn.Module:
             layer.merge()
         if unload:
             _set_submodule(model, name, layer.base_layer)
+    if unload:  # a plain model again: its inner base model may be adapted and exported on its own
+        for module in model.modules():
+            module.__dict__.pop(WITHIN_ATTR, None)
     return model

@@ -63,8 +63,10 @@ class Result:
 class Context:
     """What every stage needs: where things go, the staged environment, and a command runner with a deadline."""
 
-    def __init__(self, root: Path, work: Path, mode: str, label: str, env: dict[str, str], site: Path):
+    def __init__(self, root: Path, work: Path, mode: str, label: str, env: dict[str, str], site: Path,
+                 dry_run: bool = False):
         self.root, self.work, self.mode, self.label, self.env = root, work, mode, label, env
+        self.dry_run = dry_run
         self.python = sys.executable
         script = site / "bin" / "circtune"
         self.circtune = [str(script)] if script.is_file() else [self.python, "-m", "circtune.cli.main"]
@@ -85,6 +87,10 @@ class Context:
         deadline. Returns the exit status, or TIMED_OUT."""
         timeout = min(timeout, self.deadline - time.perf_counter())
         self.last_log = log
+        if self.dry_run:
+            shown = [c if "\n" not in c else "<script>" for c in cmd]
+            print(f"    $ {' '.join(shown)}", flush=True)
+            return 0
         if timeout <= 0:
             self.timed_out = True
             return TIMED_OUT
@@ -230,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                         "gpu-check-out/)")
     parser.add_argument("--label", help="name in the output folders (default: the GPU's short name, or 'cpu')")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary work folder")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="set up, then print each stage's commands (of --mode) instead of running them")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in chosen if s not in names]
@@ -267,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         notes.insert(0, f"mode {mode}; torch {found.get('torch')} (CUDA {found.get('torch_cuda')}); setup "
                         f"{time.perf_counter() - started:.1f} s")
         print("gpu-check: " + imports, flush=True)  # the one line that says what is missing, if anything
-        ctx = Context(ROOT, work, mode, label, env, site)
+        ctx = Context(ROOT, work, mode, label, env, site, dry_run=args.dry_run)
         shutil.copy(setup_log, ctx.check_dir / "setup.log")
-        device = "CPU" if mode == "tiny" else f"GPU {label_gpu}"
+        device = "CPU" if mode == "tiny" else f"GPU {label_gpu or label}"
         results: list[Result] = []
         archive = None
         for i, (name, title, gpu_s, tiny_s, fn) in enumerate(stages.STAGES, 1):

@@ -80,7 +80,7 @@ def facts(ctx: Context, limit: float) -> Outcome:
         rc = ctx.run([smi, "-q"], folder / "nvidia-smi.txt", limit / 3, capture=True)
         if rc != 0:
             errors.append(f"nvidia-smi -q: {ctx.describe(rc)}")
-        else:
+        elif not ctx.dry_run:
             text = (folder / "nvidia-smi.txt").read_text(errors="replace")
             keys = ("Product Name", "Driver Version", "CUDA Version", "Current Power Limit", "Power Limit")
             found = {k: m.group(1).strip() for k in keys if (m := re.search(rf"^\s*{k}\s*:\s*(.+)$", text, re.M))}
@@ -92,7 +92,9 @@ def facts(ctx: Context, limit: float) -> Outcome:
     else:
         head.append("no nvidia-smi (CPU rehearsal)")
     rc = ctx.run([ctx.python, "-c", VERSIONS], folder / "versions.json", limit / 3, capture=True)
-    if rc == 0:
+    if ctx.dry_run:
+        pass
+    elif rc == 0:
         v = json.loads((folder / "versions.json").read_text())
         head.append(" ".join(f"{k} {v[k]}" for k in ("python", "torch", "cuda", "triton", "transformers", "peft")
                              if v.get(k)) + (f"; {v['gpu']}" if v.get("gpu") else ""))
@@ -221,12 +223,12 @@ def decoder_search(ctx: Context, limit: float) -> Outcome:
 def compare(ctx: Context, limit: float) -> Outcome:
     # The CPU rehearsal has no second device: it compares the tiny search with itself (the same code path).
     reference = ctx.root / ENCODER_REFERENCE if ctx.mode == "gpu" else ctx.encoder_dir
-    if not (ctx.encoder_dir / "adapter_config.json").is_file():
+    if not (ctx.encoder_dir / "adapter_config.json").is_file() and not ctx.dry_run:
         return Outcome(False, [], f"no finished search in {ctx.encoder_dir.name} to compare")
     rc = ctx.run([*ctx.circtune, "compare", str(ctx.encoder_dir), str(reference), "--allow-different",
                   "--plotlyjs", "cdn", "-o", str(ctx.compare_html)], ctx.check_dir / "compare.log", limit)
-    ok = rc == 0 and ctx.compare_html.is_file()
-    head = [f"{ctx.compare_html.name} ({ctx.compare_html.stat().st_size / 1e3:.0f} kB) against "
+    ok = rc == 0 and (ctx.compare_html.is_file() or ctx.dry_run)
+    head = [] if ctx.dry_run else [f"{ctx.compare_html.name} ({ctx.compare_html.stat().st_size / 1e3:.0f} kB) against "
             f"{reference.name if ctx.mode == 'gpu' else 'itself (rehearsal)'}"] if ok else []
     return Outcome(ok, head, "" if ok else ctx.describe(rc))
 

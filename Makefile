@@ -11,10 +11,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch==2.13.0 (a CPU build on this kind of machine) only when no torch is importable: a bare
-# `torch` requirement would pull a multi-GB CUDA build, and GPU machines bring their own torch.
+# `torch` requirement would pull a multi-GB CUDA build, and GPU machines bring their own torch. PYTHONWARNINGS: setuptools
+# notes every editable install ("Editable installation... folders with the same name"), which tells a user nothing.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)

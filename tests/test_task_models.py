@@ -268,6 +268,11 @@ def test_exporting_the_base_inside_an_adapted_task_model(tmp_path):
     base = circtune.apply_adapter(task_model(name).roberta, task_adapter_config(name))
     _randomize(base)
     circtune.export_peft(base, tmp_path / "base")
+    llama = task_model("llama-causal-lm")
+    before = _snapshot(llama)
+    with pytest.raises(ValueError, match=r"PEFT checkpoint .* do not fit LlamaForCausalLM: layers\['encoder.layer"):
+        circtune.import_peft(llama, tmp_path / "base")
+    _assert_unchanged(llama, before)
     clf = circtune.import_peft(task_model(name), tmp_path / "base")
     assert clf.circtune_prefix == "roberta."
     torch.testing.assert_close(clf.roberta(input_ids=IDS).last_hidden_state, base(input_ids=IDS).last_hidden_state)

@@ -117,3 +117,24 @@ def test_profile_batch_and_seq_len_go_together(tmp_path, capsys):
     args = [a for a in _profile_args(tmp_path) if a not in ("--tokens", "12")]
     assert main([*args, "--batch-size", "2"]) == 2
     assert "--batch-size and --seq-len go together" in capsys.readouterr().err
+
+
+def test_check_warns_about_a_backend_this_machine_cannot_run(tmp_path, capsys):
+    """A config picked on a GPU machine may be checked anywhere (its shapes and weights are what check validates),
+    but a triton layer cannot train on a machine without CUDA: check says so, and still exits 0."""
+    import json
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine runs triton: nothing to warn about")
+    config = {"format": "circtune.adapter/1", "base_model": "two_shapes",
+              "layers": {"square": {"method": "c3a", "block_size": 16, "backend": "triton"},
+                         "blocks.0.up": {"method": "c3a", "block_size": 16}}}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["check", str(tmp_path), "--model", "tiny_models:two_shapes"]) == 0
+    out = capsys.readouterr().out
+    assert ("warning: 1 layer(s) use backend triton, which cannot run on this machine (cpu: Triton kernels need a "
+            "CUDA device") in out
+    assert main(["check", str(tmp_path), "--model", "tiny_models:two_shapes", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"][0].startswith("1 layer(s) use backend triton")

@@ -15,6 +15,8 @@ kernel (tests/test_kernels.py checks that order).
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -90,26 +92,89 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 _CACHE: dict[tuple, TileConfig] = {}
+_LOGGED: set[tuple] = set()
+log = logging.getLogger(__name__)
+
+
+class NoTileWorks(RuntimeError):
+    """Every candidate tile failed for one problem key; the message names the key and each tile's reason."""
 
 
 def autotune(key: tuple, candidates: Sequence[TileConfig], bench: Callable[[TileConfig], object],
              device: torch.device) -> TileConfig:
     """The fastest of ``candidates`` for ``key`` on ``device`` (timed once, then cached); the first candidate on
-    the interpreter or when there is only one."""
+    the interpreter or when there is only one.
+
+    ``key`` must name everything that changes the compiled kernel (operand dtypes, dot precision, layouts, the
+    flags of the call site) besides the shape: two problems with one key share one tile. The device's name and
+    compute capability are added here.
+    """
     if device.type != "cuda" or len(candidates) == 1:
         return candidates[0]
-    key = (torch.cuda.get_device_name(device), *key)
+    key = (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device), *key)
     if key not in _CACHE:
-        times = {}
-        for config in candidates:
-            try:
-                times[config] = triton.testing.do_bench(lambda c=config: bench(c), warmup=5, rep=25)
-            except triton.runtime.errors.OutOfResources:  # too much shared memory for this GPU: not a candidate
-                continue
-        if not times:
-            raise RuntimeError(f"no tile configuration fits this GPU for {key}")
-        _CACHE[key] = min(times, key=times.get)
+        _CACHE[key] = select_tile(key, candidates,
+                                  lambda config: triton.testing.do_bench(lambda: bench(config), warmup=5, rep=25))
     return _CACHE[key]
+
+
+def select_tile(key: tuple, candidates: Sequence[TileConfig], time: Callable[[TileConfig], float]) -> TileConfig:
+    """The candidate with the smallest ``time(candidate)``, skipping those that fail.
+
+    A tile that fails to compile or launch for any reason (too much shared memory on this GPU, a compiler error,
+    ...) is skipped and logged once per tile and kind of failure; ``torch.cuda.OutOfMemoryError`` propagates (the
+    problem, not the tile, is too big), and so do KeyboardInterrupt and SystemExit. When no tile works,
+    :class:`NoTileWorks` names the key and every tile's reason.
+    """
+    times: dict[TileConfig, float] = {}
+    reasons: dict[TileConfig, str] = {}
+    for config in candidates:
+        try:
+            elapsed = float(time(config))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of one tile only removes that tile
+            reason = _reason(e)
+            reasons[config] = reason
+            _log_skip(key, config, e, reason)
+            continue
+        if not math.isfinite(elapsed):
+            reasons[config] = f"timing returned {elapsed}"
+            continue
+        times[config] = elapsed
+    if not times:
+        detail = "; ".join(f"{_tile_name(c)}: {r}" for c, r in reasons.items())
+        raise NoTileWorks(f"no tile configuration works for {key}: {detail}")
+    return min(times, key=times.get)
+
+
+def _reason(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else '(no message)'}"[:300]
+
+
+def _tile_name(c: TileConfig) -> str:
+    split = "" if c.split is None else f" split={c.split}"
+    return f"{c.block_m}x{c.block_n}x{c.block_k} warps={c.num_warps} stages={c.num_stages}{split}"
+
+
+def _log_skip(key: tuple, config: TileConfig, e: BaseException, reason: str) -> None:
+    # Once per (device, tile, kind of failure): a tile too big for a GPU's shared memory fails for every shape.
+    once = (key[:2], config, type(e).__name__)
+    if once in _LOGGED:
+        return
+    _LOGGED.add(once)
+    # Too little shared memory is expected on GPUs below the A100's 163 KiB (the lists are checked for sm_80 and
+    # sm_90): informational. Anything else is a defect worth seeing.
+    level = logging.INFO if isinstance(e, triton.runtime.errors.OutOfResources) else logging.WARNING
+    log.log(level, "tile %s skipped for %s: %s (logged once per tile and kind of failure)", _tile_name(config),
+            key, reason)
+
+
+def layout(t: torch.Tensor | None) -> tuple[bool, ...] | None:
+    """Which strides of ``t`` are 1 (None without a tensor): Triton specialises on it, and the access pattern, so
+    the fastest tile, follows it (``W0`` in the forward against ``W0ᵀ`` in the input gradient)."""
+    return None if t is None else tuple(s == 1 for s in t.stride())
 
 
 def size_bucket(n: int) -> int:

@@ -27,7 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import TileConfig, acc_dtype, autotune, check_device, check_dtype, input_precision, size_bucket
+from ._tuning import (
+    TileConfig,
+    acc_dtype,
+    autotune,
+    check_device,
+    check_dtype,
+    input_precision,
+    layout,
+    size_bucket,
+)
 
 
 @triton.jit
@@ -81,12 +90,33 @@ def _block_circulant_kernel_grad_kernel(
 _INTERPRETER_CONFIG = TileConfig(16, 32, 32, num_warps=4, num_stages=1, split=1)
 
 
-def _cuda_configs(q_out: int) -> tuple[TileConfig, ...]:
-    # Row tiles past the next power of two of q_out would be pure padding.
+# (largest row tile, column tile, K tile, warps) per operand dtype and dot precision; the row tile is clamped to the
+# next power of two of q_out (rows past it would be pure padding). Every tile compiles for sm_90 and sm_80 within the
+# A100's shared memory and without spills (tests/test_aot_compile.py).
+_HALF_SPECS = ((64, 64, 32, 4), (64, 64, 64, 4), (64, 128, 32, 4), (64, 128, 64, 4),
+               (128, 64, 32, 4), (128, 64, 64, 4), (128, 128, 32, 8), (128, 128, 64, 8))
+# TF32: as bf16 without 64×128×64 (8 B of spills on sm_80).
+_TF32_SPECS = ((64, 64, 32, 4), (64, 64, 64, 4), (64, 128, 32, 4), (128, 64, 32, 4), (128, 64, 64, 4),
+               (128, 128, 32, 8), (128, 128, 64, 8))
+# ieee fp32 (FMA units): every K tile of 64 spills (up to 12 KB per thread on sm_80); 8 warps for the larger tiles.
+_IEEE_SPECS = ((64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 16, 8))
+# fp64 (gradcheck only): the bf16 tiles spill (up to 224 B) and 128×128×64 needs 256 KiB of shared memory.
+_FP64_SPECS = ((64, 64, 16, 4), (32, 64, 32, 4))
+
+
+def cuda_configs(q_out: int, dtype: torch.dtype, precision: str) -> tuple[TileConfig, ...]:
+    """The tiles the CUDA autotune times for ``q_out`` block rows and operands of ``dtype`` at ``precision``."""
+    if dtype == torch.float64:
+        specs = _FP64_SPECS
+    elif dtype == torch.float32:
+        specs = _TF32_SPECS if precision == "tf32" else _IEEE_SPECS
+    else:
+        specs = _HALF_SPECS
     rows = max(16, triton.next_power_of_2(q_out))
-    block_ms = sorted({min(rows, 64), min(rows, 128)})
-    return tuple(TileConfig(bm, bn, bk, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
-                 for bm in block_ms for bn in (64, 128) for bk in (32, 64))
+    # A clamped row tile is small: 4 warps.
+    tiles = (TileConfig(min(rows, bm), bn, bk, num_warps=warps if rows >= bm else 4, num_stages=3)
+             for bm, bn, bk, warps in specs)
+    return tuple(dict.fromkeys(tiles))  # clamping can make two specs one tile
 
 
 def _default_split(cfg: TileConfig, tokens: int, q_out: int, d_in: int, p: int, device: torch.device) -> int:
@@ -123,6 +153,7 @@ def block_circulant_kernel_grad(g: torch.Tensor, x: torch.Tensor, block_size: in
     x = x.to(wide) if wide else x
     g = g.to(x.dtype)
     out_dtype = wide or torch.float32
+    precision = input_precision(x.dtype)
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         split = _default_split(cfg, tokens, q_out, d_in, p, device)
@@ -136,15 +167,17 @@ def block_circulant_kernel_grad(g: torch.Tensor, x: torch.Tensor, block_size: in
             tokens, q_out, d_in, per_split,
             g.stride(0), g.stride(1), x.stride(0), x.stride(1),
             float(scale),
-            P=p, ACC=acc_dtype(out_dtype), PRECISION=input_precision(x.dtype), USE_ATOMIC=split > 1,
+            P=p, ACC=acc_dtype(out_dtype), PRECISION=precision, USE_ATOMIC=split > 1,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return dw
 
     if config is None:
-        candidates = _cuda_configs(q_out) if device.type == "cuda" else (_INTERPRETER_CONFIG,)
-        key = (op, x.dtype, size_bucket(tokens), q_out, d_in, p)
+        candidates = cuda_configs(q_out, x.dtype, precision) if device.type == "cuda" else (_INTERPRETER_CONFIG,)
+        # Everything that changes the compiled kernel besides the tile (see block_circulant_matmul); g is already
+        # cast to x's dtype. The split (and so the atomics) follows from the tile, the token count and the GPU.
+        key = (op, x.dtype, precision, layout(g), layout(x), size_bucket(tokens), tokens % 16 == 0, q_out, d_in, p)
         config = autotune(key, candidates, launch, device)
     return launch(config.check(op))
 

@@ -36,6 +36,7 @@ from ._tuning import (
     check_device,
     check_dtype,
     input_precision,
+    layout,
     size_bucket,
 )
 
@@ -96,15 +97,57 @@ def _block_circulant_matmul_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-# Candidates the CUDA autotune times (the usual GEMM shapes); the fastest per problem key is cached.
-_CUDA_CONFIGS = (
-    TileConfig(128, 128, 32, num_warps=4, num_stages=4),
+# Candidates the CUDA autotune times, per operand dtype and dot precision; the fastest per problem key is cached.
+# Every tile here compiles for sm_90 and sm_80 within the A100's 163 KiB of shared memory and without register
+# spills (tests/test_aot_compile.py compiles them all; ``python -m circtune.kernels._aot`` prints the figures).
+# bf16/fp16: tensor-core tiles. The 128×128×32 tile has 8 warps (with 4 it spilled 16 B/thread on sm_80) and
+# 256×128×32 replaces 128×256×32 (spilled 16–20 B on both targets). 128×128×64 uses 160 KiB, the largest that fits
+# the A100.
+_HALF_CONFIGS = (
+    TileConfig(128, 128, 32, num_warps=8, num_stages=4),
     TileConfig(128, 128, 64, num_warps=8, num_stages=3),
-    TileConfig(128, 256, 32, num_warps=8, num_stages=3),
+    TileConfig(256, 128, 32, num_warps=8, num_stages=3),
     TileConfig(64, 128, 32, num_warps=4, num_stages=4),
     TileConfig(128, 64, 32, num_warps=4, num_stages=4),
     TileConfig(64, 64, 32, num_warps=4, num_stages=5),
 )
+# fp32 through TF32 tensor cores: operands take twice the shared memory of bf16, so the bf16 list's 128×128×64
+# (256 KiB on sm_90) and 256×128×32 do not fit, and 4-warp 128×128 tiles spill (up to 184 B on sm_80).
+_TF32_CONFIGS = (
+    TileConfig(128, 128, 32, num_warps=8, num_stages=3),
+    TileConfig(128, 128, 32, num_warps=8, num_stages=4),
+    TileConfig(64, 128, 32, num_warps=4, num_stages=4),
+    TileConfig(128, 64, 32, num_warps=4, num_stages=4),
+    TileConfig(64, 64, 32, num_warps=4, num_stages=5),
+)
+# fp32 with TF32 off ("ieee", as torch's own fp32 matmuls then are): tl.dot runs on the FMA units and holds its
+# operand fragments in registers, so the tensor-core tiles spill massively (128×128×32: 24 KB of spill stores per
+# thread, 5 of the 6 bf16 tiles spill). These small-K tiles are spill-free. (tf32x3 would keep the big tiles on
+# tensor cores, but it is a different precision from torch's fp32, which the triton rows must match.)
+_IEEE_CONFIGS = (
+    TileConfig(128, 64, 16, num_warps=8, num_stages=3),
+    TileConfig(64, 128, 16, num_warps=8, num_stages=3),
+    TileConfig(64, 64, 32, num_warps=8, num_stages=3),
+    TileConfig(64, 64, 16, num_warps=4, num_stages=3),
+    TileConfig(32, 64, 16, num_warps=4, num_stages=3),
+    TileConfig(64, 32, 16, num_warps=4, num_stages=3),
+)
+# fp64 (gradcheck only): FMA units and 8-byte operands; the bf16 tiles need 176–384 KiB of shared memory and spill.
+_FP64_CONFIGS = (
+    TileConfig(64, 64, 16, num_warps=4, num_stages=3),
+    TileConfig(32, 32, 32, num_warps=4, num_stages=3),
+)
+
+
+def cuda_configs(dtype: torch.dtype, precision: str) -> tuple[TileConfig, ...]:
+    """The tiles the CUDA autotune times for operands of ``dtype`` with ``tl.dot`` precision ``precision``."""
+    if dtype == torch.float64:
+        return _FP64_CONFIGS
+    if dtype == torch.float32:
+        return _TF32_CONFIGS if precision == "tf32" else _IEEE_CONFIGS
+    return _HALF_CONFIGS
+
+
 # The interpreter runs every program instance in numpy: few, mid-sized tiles keep the CPU tests fast.
 _INTERPRETER_CONFIG = TileConfig(32, 32, 32, num_warps=4, num_stages=1)
 
@@ -153,6 +196,7 @@ def block_circulant_matmul(a: torch.Tensor, w: torch.Tensor, *, scale: float = 1
     m, k, n = a.shape[0], q_k * p, q_n * p
     w = w.contiguous()
     acc = acc_dtype(a.dtype)  # tl.dot's result type follows its operands, which follow a
+    precision = input_precision(a.dtype)
 
     def launch(cfg: TileConfig) -> torch.Tensor:
         out = torch.empty(m, n, device=device, dtype=a.dtype)
@@ -167,15 +211,19 @@ def block_circulant_matmul(a: torch.Tensor, w: torch.Tensor, *, scale: float = 1
             a.stride(0), a.stride(1), stride_bn, stride_bk, out.stride(0), out.stride(1),
             float(scale),
             P=p, HAS_BASE=weight is not None, HAS_BIAS=bias is not None,
-            ACC=acc, PRECISION=input_precision(a.dtype),
+            ACC=acc, PRECISION=precision,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
 
     if config is None:
-        candidates = _CUDA_CONFIGS if device.type == "cuda" else (_INTERPRETER_CONFIG,)
-        key = (op, a.dtype, size_bucket(m), n, k, p, weight is not None)
+        candidates = cuda_configs(a.dtype, precision) if device.type == "cuda" else (_INTERPRETER_CONFIG,)
+        # Everything that changes the compiled kernel besides the tile: operand dtypes, dot precision, layouts
+        # (the forward's W0 against the input gradient's W0ᵀ), the fused terms, and Triton's specialisation of M
+        # on divisibility by 16; the token count by power-of-two bucket.
+        key = (op, a.dtype, w.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+               precision, layout(a), layout(weight), size_bucket(m), m % 16 == 0, n, k, p)
         config = autotune(key, candidates, launch, device)
     return launch(config.check(op))
 

@@ -209,17 +209,18 @@ def _output_options(args: argparse.Namespace) -> dict:
 
 
 def _outputs_written(study, args: argparse.Namespace, out: Path, name: str, identity: dict) -> dict | None:
-    """Where this study's outputs for these options and at least ``args.trials`` trials already are, if anywhere
-    this worker may rely on: this folder, when its manifest says this study wrote its adapter_config.json with
-    these options (and the file is there); or another host's folder (another worker's, which this one cannot
-    see). Outputs written to another folder of this host are written here again: the user asked for them here."""
+    """Where this study's outputs for these options and at least ``args.trials`` trials already are, if anywhere:
+    this folder, when its manifest says this study wrote its adapter_config.json with these options (and the file
+    is there); or the folder another worker of the study wrote them to (the outputs are written once per study;
+    the others say where). A folder whose files say otherwise (another run wrote over them) is written again."""
     mine = written_by(out, "adapter_config.json")
     if (mine and mine.get("study") == name and same_identity(mine.get("options"), identity)
             and mine.get("trials", 0) >= args.trials and (out / "adapter_config.json").is_file()):
         return {"worker": mine.get("worker"), "folder": str(out)}
     record_ = study.user_attrs.get("outputs")
-    if (record_ and record_.get("host") != socket.gethostname() and record_.get("trials", 0) >= args.trials
-            and all(record_.get(k) == v for k, v in _output_options(args).items())):
+    if (record_ and record_.get("trials", 0) >= args.trials
+            and all(record_.get(k) == v for k, v in _output_options(args).items())
+            and not (record_.get("host") == socket.gethostname() and Path(record_["folder"]) == out.resolve())):
         return record_
     return None
 

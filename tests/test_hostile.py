@@ -602,10 +602,12 @@ def test_other_options_in_a_folder_are_refused_and_a_forced_run_is_never_reporte
     """A re-run with other --backends used to replace the pick silently, and the original command then said its
     outputs "were written" there. Now: refused before measuring; with --force written and recorded; the original
     command refused in turn; with --force it writes its outputs again rather than claiming them."""
-    folder = _copy(run_folder, tmp_path)
+    folder = tmp_path  # a run of its own (a copy's study would say its outputs are in the copied folder)
+    shutil.copy(run_folder / "space.toml", folder / "space.toml")
     space = ["--space", str(folder / "space.toml")]
     original = ["search", *PROFILE, *space, *SEARCH, "--out", str(folder / "search")]
     other = [*original, "--backends", "torch"]
+    assert main(original) == 0
     capsys.readouterr()
     before = _snapshot(folder)
     code, err = _run(other, capsys)

@@ -9,11 +9,14 @@ one layer (:mod:`circtune.measure.timing`, :mod:`circtune.measure.memory`).
 Candidates are applied with :func:`circtune.apply_adapter` (what a training script does); baselines replace the
 target ``nn.Linear`` s with LoRA / PEFT C3A layers (:mod:`circtune.measure.baselines`). After each measurement
 the original ``nn.Linear`` s are put back, so every assignment runs on the same weights.
+
+Everything runs under ``torch.cuda.device`` of the model's device (see :mod:`circtune.measure.profiler`). A plan
+that breaks the CUDA context (a sticky CUDA error, raised again by every later kernel) is recorded with its error,
+and the plans after it with ``failed: not run: ...`` naming it: nothing more can run in this process.
 """
 
 from __future__ import annotations
 
-import gc
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,9 +26,10 @@ from torch import nn
 
 from .adapters.inject import _set_submodule, apply_adapter
 from .config import AdapterConfig
+from .measure import profiler
 from .measure.baselines import build_module
 from .measure.memory import peak_step_memory
-from .measure.profiler import NonFiniteError, failure_status
+from .measure.profiler import NonFiniteError, device_scope, failure_status, is_sticky_cuda_error
 from .measure.timing import Spread, TimingSettings, time_step
 from .space import Candidate
 
@@ -116,40 +120,62 @@ def validate(model: nn.Module, targets: Sequence[str], plans: Sequence[Plan], *,
     device = next(model.parameters()).device
     model.requires_grad_(False)
     originals = {name: model.get_submodule(name) for name in targets}
-    step_module = ModelStep(model)
-    x = torch.randn(batch, seq_len, hidden_size(model), device=device, dtype=dtype, requires_grad=True)
-    with torch.no_grad():
-        grad = torch.randn_like(step_module(x))
     results = []
-    for plan in tqdm(plans, desc="validating", unit="model", disable=not progress, dynamic_ncols=True):
-        torch.manual_seed(0)
-        optimizer = None
-        failed = False
-        try:
-            plan.apply(model)
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
-            timing_result, _ = time_step(step_module, x, grad, optimizer, timing)
-            mem = peak_step_memory(step_module, x, grad, optimizer) / 2**20
-            gradient_finite = x.grad is None or bool(torch.isfinite(x.grad).all())  # of the last step
-            with torch.no_grad():
-                if not torch.isfinite(step_module(x)).all():
-                    raise NonFiniteError("the model's output has NaN/Inf")
-            if not gradient_finite:
-                raise NonFiniteError("the input gradient has NaN/Inf")
-            results.append(Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms,
-                                      plan.predicted_mem_mb, timing_result.step, mem))
-        except Exception as e:  # out of memory, NaN/Inf, a backend that fails to compile or launch, ...
-            failed = True
-            reason = failure_status(e).removeprefix("error: ")
-            results.append(Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms,
-                                      plan.predicted_mem_mb, status=f"failed: {reason}"))
-        finally:
-            optimizer = None
-            x.grad = None
-            _restore(model, originals)
-            if failed:
-                gc.collect()  # the traceback held the failed plan's layers and activations in cycles
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    bar = tqdm(plans, desc="validating", unit="model", disable=not progress, dynamic_ncols=True)
+    with device_scope(device):
+        step_module = ModelStep(model)
+        x = grad = None
+        for plan in bar:
+            broken = profiler.context_broken()
+            if broken is not None:  # every kernel would raise the sticky error again
+                results.append(Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms,
+                                          plan.predicted_mem_mb, status=f"failed: not run: the CUDA context broke "
+                                                                        f"during {broken}"))
+                continue
+            if x is None:
+                x = torch.randn(batch, seq_len, hidden_size(model), device=device, dtype=dtype, requires_grad=True)
+                with torch.no_grad():
+                    grad = torch.randn_like(step_module(x))
+            results.append(_validate_one(model, step_module, plan, x, grad, timing, originals, device))
     return results
+
+
+def _validate_one(model: nn.Module, step_module: ModelStep, plan: Plan, x: torch.Tensor, grad: torch.Tensor,
+                  timing: TimingSettings, originals: Mapping[str, nn.Linear], device: torch.device) -> Validation:
+    torch.manual_seed(0)
+    try:
+        result = _measure_plan(model, step_module, plan, x, grad, timing)
+    except Exception as e:  # out of memory, NaN/Inf, a backend that fails to compile or launch, ...
+        reason = failure_status(e).removeprefix("error: ")
+        result = Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms,
+                            plan.predicted_mem_mb, status=f"failed: {reason}")
+        if device.type == "cuda" and is_sticky_cuda_error(e):
+            profiler._mark_broken(f"{plan.label}: {reason}")
+    x.grad = None
+    _restore(model, originals)
+    try:  # the traceback held the failed plan's layers and activations in cycles
+        profiler.release_memory(device, failed=result.status != "ok")
+    except Exception as e:  # a sticky CUDA error raised again (or seen for the first time)
+        reason = failure_status(e).removeprefix("error: ")
+        profiler._mark_broken(f"{plan.label}: {reason}")
+        if result.status == "ok":
+            result = Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms,
+                                plan.predicted_mem_mb, status=f"failed: {reason}")
+    return result
+
+
+def _measure_plan(model: nn.Module, step_module: ModelStep, plan: Plan, x: torch.Tensor, grad: torch.Tensor,
+                  timing: TimingSettings) -> Validation:
+    plan.apply(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    timing_result, _ = time_step(step_module, x, grad, optimizer, timing)
+    mem = peak_step_memory(step_module, x, grad, optimizer) / 2**20
+    gradient_finite = x.grad is None or bool(torch.isfinite(x.grad).all())  # of the last step
+    with torch.no_grad():
+        if not torch.isfinite(step_module(x)).all():
+            raise NonFiniteError("the model's output has NaN/Inf")
+    if not gradient_finite:
+        raise NonFiniteError("the input gradient has NaN/Inf")
+    return Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms, plan.predicted_mem_mb,
+                      timing_result.step, mem)

@@ -4,7 +4,8 @@ For each unique target shape, the plan holds the space's valid candidates and th
 the closest rank, PEFT's C3A). Each one is measured on a fresh layer of that shape (random weights, the base
 frozen, x of ``[tokens, d_in]`` requiring grad, a fixed upstream gradient, AdamW over the trainable parameters):
 
-1. one step, whose output and gradients must be finite (else the row records ``non-finite ...``);
+1. one step, whose output and gradients must be finite (else the row records ``non-finite ...``); a candidate
+   of another backend than ``torch`` must also match the torch backend (:mod:`.verify`; else ``wrong result ...``);
 2. timing (:mod:`.timing`): forward, backward and whole step, quartiles over many repetitions, each repetition
    beside one of the frozen base layer alone (what the layer adds is the difference of the two);
 3. peak memory of one step (:mod:`.memory`);
@@ -12,10 +13,20 @@ frozen, x of ``[tokens, d_in]`` requiring grad, a fixed upstream gradient, AdamW
 
 A candidate that runs out of memory, produces NaN/Inf or raises is recorded with the reason and the run goes on;
 every result is committed to the store at once, and keys the store already holds are not measured again.
+
+Everything runs under ``torch.cuda.device(settings.device)``: CUDA events record on that device's stream and Triton
+launches there (without it, ``cuda:1`` would be timed on GPU 0's stream).
+
+A sticky CUDA error (an illegal address, a launch failure, a device-side assert) breaks the process's CUDA context
+for good: every later kernel, even ``torch.cuda.empty_cache()``, raises it again. The candidate that caused it is
+recorded with its error. With ``isolate`` the measuring child is replaced and the run goes on; without it,
+:func:`run_profile` stops right after storing that row with :class:`ContextBroken`, whose one-line message says to
+re-run with ``--isolate`` (what is stored is reused), rather than record every later candidate as failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +43,7 @@ from .flops import count_flops
 from .memory import peak_step_memory
 from .store import Measurement, MeasurementKey, MeasurementStore, this_worker
 from .timing import TimingSettings, run_step, time_step
+from .verify import WrongResultError, check_against_reference
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,62 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class ContextBroken(RuntimeError):
+    """This process's CUDA context is broken (a sticky CUDA error): nothing more can run on it."""
+
+
+# How CUDA words the errors that break a context for good (cudaErrorIllegalAddress, cudaErrorLaunchFailure,
+# cudaErrorAssert, ...), through torch ("CUDA error: ...") and through Triton's driver calls ("CUDA_ERROR_...").
+_STICKY_WORDS = ("illegal memory access", "illegal address", "illegal instruction", "unspecified launch failure",
+                 "launch failed", "device-side assert", "misaligned address", "invalid program counter",
+                 "hardware stack error", "uncorrectable ecc", "cuda_error_illegal_address", "cuda_error_launch_failed",
+                 "cuda_error_assert", "cuda_error_misaligned_address", "cuda_error_illegal_instruction")
+
+# Why this process's CUDA context is broken (None while it is not): set by the first sticky error, kept for the
+# process's life, as the broken context is.
+_broken: str | None = None
+
+
+def is_sticky_cuda_error(e: BaseException) -> bool:
+    """Whether ``e`` is a CUDA error that leaves the context broken for every later kernel of the process."""
+    text = str(e).lower()
+    return any(words in text for words in _STICKY_WORDS)
+
+
+def context_broken() -> str | None:
+    """Why this process's CUDA context is broken, or None."""
+    return _broken
+
+
+def _mark_broken(reason: str) -> None:
+    global _broken
+    if _broken is None:
+        _broken = reason
+
+
+def broken_message(reason: str) -> str:
+    """The one line a run stops with when the context broke outside ``--isolate``."""
+    return (f"the CUDA context of this process broke while measuring {reason}; that configuration is recorded as "
+            "failed, and every later kernel in this process would fail too: re-run the same command with --isolate "
+            "(each configuration in a fresh child process; what is stored is reused)")
+
+
+def device_scope(device: torch.device):
+    """``torch.cuda.device(device)`` for a CUDA device (the current device for events, streams, Triton launches and
+    cuBLAS handles), nothing for the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def release_memory(device: torch.device, failed: bool) -> None:
+    """Free what a measurement left: collect reference cycles (a failure's traceback holds tensors in them; slow,
+    so only when needed) and hand the CUDA cache back. On a broken context ``empty_cache`` raises the sticky
+    error again."""
+    if failed or device.type == "cuda":
+        gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 # How allocators word running out: CUDA ("CUDA out of memory"), torch's CPU allocator ("DefaultCPUAllocator: can't
 # allocate memory: you tried to allocate N bytes", a plain RuntimeError; older versions "not enough memory"), the OS.
 _OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
@@ -130,6 +198,8 @@ def failure_status(e: BaseException) -> str:
     ``non-finite: ...``, or ``error: <exception type>: ...`` (a backend that fails to compile or launch, ...)."""
     if isinstance(e, NonFiniteError):
         return f"non-finite: {_message(e)}"
+    if isinstance(e, WrongResultError):
+        return f"wrong result: {_message(e)}"
     if _is_oom(e):
         return f"out of memory: {_message(e)}"
     return f"error: {type(e).__name__}: {_message(e)}"
@@ -147,43 +217,54 @@ def _check_finite(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
 
 def measure_job(job: Job, settings: ProfileSettings, key: MeasurementKey, device_name: str,
                 build: Callable[[Candidate, nn.Linear], nn.Module] = build_module) -> Measurement:
-    """Measure one job; failures become a Measurement whose status says why (never raised, except Ctrl-C)."""
-    device, dtype = settings.device, DTYPES[job.dtype]
+    """Measure one job on ``settings.device`` (made the current CUDA device meanwhile); failures become a
+    Measurement whose status says why (never raised, except Ctrl-C). A sticky CUDA error also marks this process's
+    context as broken (:func:`context_broken`)."""
+    device = settings.device
     params = job.candidate.params(job.d_in, job.d_out)
     record = {"key": key, "device_name": device_name, "params": params,
               "settings": {"warmup": settings.timing.warmup, "min_reps": settings.timing.min_reps,
                            "max_reps": settings.timing.max_reps, "min_time_s": settings.timing.min_time_s,
                            "threads": torch.get_num_threads() if device.type == "cpu" else None,
                            "seed": settings.seed}}
+    where = f"{job.candidate.label} ({job.d_in}x{job.d_out}, {job.dtype})"
+    with device_scope(device):
+        try:
+            m = _measure(job, settings, record, build)
+        except Exception as e:  # out of memory, NaN/Inf, wrong results, a backend that fails to compile or launch...
+            m = Measurement(**record, status=failure_status(e))
+            if device.type == "cuda" and is_sticky_cuda_error(e):
+                _mark_broken(f"{where}: {_message(e)}")
+        try:  # (the failure's frames are gone by now: what they held is in cycles at most)
+            release_memory(device, failed=not m.ok)
+        except Exception as e:  # a sticky error raised again, or an asynchronous one seen for the first time
+            _mark_broken(f"{where}: {_message(e)}")
+            if m.ok:  # a kernel of this measurement failed after all: its numbers cannot be trusted
+                m = Measurement(**record, status=failure_status(e))
+    return m
+
+
+def _measure(job: Job, settings: ProfileSettings, record: dict,
+             build: Callable[[Candidate, nn.Linear], nn.Module]) -> Measurement:
+    device, dtype = settings.device, DTYPES[job.dtype]
     torch.manual_seed(settings.seed)
-    layer = x = grad = optimizer = base = reference = None
-    failed = False
-    try:
-        base = nn.Linear(job.d_in, job.d_out, device=device, dtype=dtype)
-        layer = build(job.candidate, base)
-        reference = None if job.candidate.method == "none" else base
-        trainable = [p for p in layer.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
-        x = torch.randn(settings.tokens, job.d_in, device=device, dtype=dtype, requires_grad=True)
-        grad = torch.randn(settings.tokens, job.d_out, device=device, dtype=dtype)
-        _check_finite(layer, x, run_step(layer, x, grad, optimizer))
-        timing, ref = time_step(layer, x, grad, optimizer, settings.timing, reference)
-        _check_finite(layer, x, run_step(layer, x, grad, optimizer))
-        peak = peak_step_memory(layer, x, grad, optimizer) / 2**20 if settings.memory else None
-        flops = count_flops(layer, x, grad) if settings.flops else None
-        return Measurement(**record, status="ok", fwd=timing.fwd, bwd=timing.bwd, step=timing.step,
-                           peak_mem_mb=peak, flops_fwd=flops and flops.fwd, flops_fwd_bwd=flops and flops.fwd_bwd,
-                           reps=timing.reps, ref_fwd_ms=ref and ref.fwd.median, ref_bwd_ms=ref and ref.bwd.median,
-                           ref_step_ms=ref and ref.step.median)
-    except Exception as e:  # out of memory, NaN/Inf, a backend that fails to compile or launch, ...
-        failed = True
-        return Measurement(**record, status=failure_status(e))
-    finally:
-        del layer, x, grad, optimizer, base, reference
-        if failed or device.type == "cuda":
-            gc.collect()  # a failure's traceback holds tensors in cycles (slow: only when needed)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    base = nn.Linear(job.d_in, job.d_out, device=device, dtype=dtype)
+    layer = build(job.candidate, base)
+    reference = None if job.candidate.method == "none" else base
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    x = torch.randn(settings.tokens, job.d_in, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(settings.tokens, job.d_out, device=device, dtype=dtype)
+    _check_finite(layer, x, run_step(layer, x, grad, optimizer))
+    check_against_reference(layer, x, grad, seed=settings.seed)  # a wrong but finite backend is never timed
+    timing, ref = time_step(layer, x, grad, optimizer, settings.timing, reference)
+    _check_finite(layer, x, run_step(layer, x, grad, optimizer))
+    peak = peak_step_memory(layer, x, grad, optimizer) / 2**20 if settings.memory else None
+    flops = count_flops(layer, x, grad) if settings.flops else None
+    return Measurement(**record, status="ok", fwd=timing.fwd, bwd=timing.bwd, step=timing.step,
+                       peak_mem_mb=peak, flops_fwd=flops and flops.fwd, flops_fwd_bwd=flops and flops.fwd_bwd,
+                       reps=timing.reps, ref_fwd_ms=ref and ref.fwd.median, ref_bwd_ms=ref and ref.bwd.median,
+                       ref_step_ms=ref and ref.step.median)
 
 
 def _init_child(threads: int) -> None:
@@ -212,12 +293,15 @@ class IsolatedMeasurer:
                  build: Callable[[Candidate, nn.Linear], nn.Module]) -> Measurement:
         from concurrent.futures.process import BrokenProcessPool
 
+        params = job.candidate.params(job.d_in, job.d_out)
         try:
             m = self._executor().submit(measure_job, job, settings, key, device_name, build).result()
         except BrokenProcessPool:
             self.close()
-            return Measurement(key, "crashed: the measuring child process died", device_name,
-                               job.candidate.params(job.d_in, job.d_out))
+            return Measurement(key, "crashed: the measuring child process died", device_name, params)
+        except Exception as e:  # raised in the child after all, or not picklable: this job failed, the run goes on
+            self.close(wait=True)
+            return Measurement(key, failure_status(e), device_name, params)
         if not m.ok:
             self.close(wait=True)  # the next job in a fresh child, once this one has exited and freed its memory
         return m
@@ -242,6 +326,8 @@ def run_profile(plans: Sequence[ShapePlan], settings: ProfileSettings, store: Me
     is measured in a child process (:class:`IsolatedMeasurer`); ``build`` must then be picklable."""
     from tqdm.auto import tqdm
 
+    if not isolate and _broken is not None:  # an earlier run in this process broke the context
+        raise ContextBroken(broken_message(_broken))
     sw = device_info.software
     worker = worker or this_worker()
     store.register_device(device_info.fingerprint, device_info.name, device_info.to_dict())
@@ -313,6 +399,8 @@ def _measure_all(todo, rows, result, store, settings, device_info, build, worker
             finally:
                 store.release(key, worker)
             bar.update()
+            if _broken is not None and not isinstance(measure, IsolatedMeasurer):  # (children break only their own)
+                raise ContextBroken(broken_message(_broken))
             check_interrupted()
         if waiting and len(waiting) == len(todo):
             time.sleep(poll_s)  # every remaining job is being measured elsewhere

@@ -80,6 +80,39 @@ class Context:
         self.deadline = float("inf")
         self.last_log: Path | None = None
         self.timed_out = False
+        self.notes: list[str] = []
+        self._warmers: list[subprocess.Popen] = []
+        self._warm_started = 0.0
+
+    def start_warm_up(self) -> None:
+        """Compile the triton backend's bf16 kernels in the background (gpu_warm_triton.py, one process per task)."""
+        import gpu_warm_triton
+
+        self._warm_started = time.perf_counter()
+        with (self.check_dir / "warm-triton.log").open("a") as log:
+            for method, d, p in gpu_warm_triton.TASKS:
+                cmd = [self.python, str(self.root / "benchmarks" / "gpu_warm_triton.py"), "--method", method,
+                       "--dim", str(d), "--block-size", str(p)]
+                self._warmers.append(subprocess.Popen(cmd, cwd=self.root, env=self.env, stdout=log,
+                                                      stderr=subprocess.STDOUT, start_new_session=True))
+
+    def wait_warm_up(self, cap: float) -> None:
+        """Before a timed stage: let the warm-up finish (at most ``cap`` seconds more), then stop what is left."""
+        if not self._warmers:
+            return
+        t0 = time.perf_counter()
+        done = stopped = 0
+        for proc in self._warmers:
+            try:
+                proc.wait(timeout=max(0.0, t0 + cap - time.perf_counter()))
+                done += proc.returncode == 0
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                stopped += 1
+        self.notes.append(f"triton warm-up: {done} of {len(self._warmers)} compile jobs done, {stopped} stopped at "
+                          f"the cap, {time.perf_counter() - self._warm_started:.0f} s after they started (waited "
+                          f"{time.perf_counter() - t0:.0f} s; see warm-triton.log)")
+        self._warmers = []
 
     def run(self, cmd: list[str], log: Path, timeout: float, *, capture: bool = False) -> int:
         """Run ``cmd`` from the repository root in the staged environment, output to ``log`` (with ``capture``,
@@ -276,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{time.perf_counter() - started:.1f} s")
         print("gpu-check: " + imports, flush=True)  # the one line that says what is missing, if anything
         ctx = Context(ROOT, work, mode, label, env, site, dry_run=args.dry_run)
+        ctx.notes = notes
+        if mode == "gpu" and not args.dry_run and {"bench", "encoder", "decoder"} & set(chosen):
+            ctx.start_warm_up()
         shutil.copy(setup_log, ctx.check_dir / "setup.log")
         device = "CPU" if mode == "tiny" else f"GPU {label_gpu or label}"
         results: list[Result] = []
@@ -309,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + text, flush=True)
         return 0 if all(r.status in ("pass", "not run") for r in results) else 1
     finally:
+        if "ctx" in locals():
+            ctx.wait_warm_up(0)
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
 

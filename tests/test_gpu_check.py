@@ -139,6 +139,28 @@ def test_runner_kills_the_whole_process_group_at_the_limit(tmp_path):
     assert ctx.describe(rc) == "exit status 2: circtune search: error: budget 5 cannot be met"
 
 
+def test_triton_warm_up_runs_in_the_background_and_is_accounted_for(tmp_path, monkeypatch):
+    import gpu_warm_triton
+
+    monkeypatch.setattr(gpu_warm_triton, "TASKS", [("c3a", 64, 16)])
+    ctx = gpu_check.Context(ROOT, tmp_path, "gpu", "test", dict(os.environ), tmp_path / "site")
+    ctx.start_warm_up()
+    ctx.wait_warm_up(300)
+    ctx.wait_warm_up(300)  # once waited, a no-op
+    assert len(ctx.notes) == 1 and ctx.notes[0].startswith("triton warm-up: ")
+    log = (ctx.check_dir / "warm-triton.log").read_text()
+    if torch_cuda():
+        assert "1 of 1 compile jobs done" in ctx.notes[0] and "c3a d=64 p=16: compiled" in log
+    else:  # the job says why it did nothing, and the note counts it as not done
+        assert "0 of 1 compile jobs done, 0 stopped" in ctx.notes[0] and "no CUDA device" in log
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _wheels_for_rehearsal(folder: Path) -> str:
     """A real wheel folder for the set-up step: three small pinned wheels fetched as `make wheels` does."""
     folder.mkdir()

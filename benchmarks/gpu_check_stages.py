@@ -3,16 +3,17 @@
 Each stage runs its commands under one time limit and says what it found in a few headline lines; its files go
 under the staging ``reports/`` folder at once, so that a later stage failing or timing out loses nothing. On a GPU
 every stage runs its real command; in the CPU rehearsal (``tiny``) the same commands run on small substitutes,
-named here: a 2-layer RoBERTa (hidden 64) for roberta-large, a 1-layer Llama (hidden 64, grouped-query k/v 64 -> 32,
-MLP 128) with the decoder space's keys but block sizes 8..64 for llama-3-8b, a few tokens and few repetitions.
+named here: a 1-layer RoBERTa (hidden 32) for roberta-large, a 1-layer Llama (hidden 64, grouped-query k/v 64 -> 32,
+MLP 64) with the decoder space's keys but block sizes 16..32 for llama-3-8b (and no whole-model validation), 32
+tokens and 3 repetitions.
 
-Time limits on an H200 (9 minutes in all with the set-up; each is a ceiling, not an estimate):
+Time limits on an H200 (510 s, plus about 30 s of set-up: 9 minutes in all; each is a ceiling, not an estimate):
 
 ========  =====  ==========================================================================================
 stage     limit  options that make it fit
 ========  =====  ==========================================================================================
-facts       25   nvidia-smi -q, versions, ``circtune devices --json``
-pytest      75   ``-m gpu``, every GPU-marked test
+facts       20   nvidia-smi -q, versions, ``circtune devices --json``
+pytest      70   ``-m gpu``, every GPU-marked test
 bench      135   the full grid (2 token counts x 2 widths x p 32..1024, 8 paths), 30+ repetitions and 0.2 s per
                  cell; it stops itself 20 s before the limit and records the cells left as ``not run``
 encoder    155   ``circtune search --model roberta-large --budget 100k`` with the search defaults (200 trials,
@@ -141,10 +142,16 @@ def gpu_test_files(root: Path) -> list[str]:
 
 def pytest_gpu(ctx: Context, limit: float) -> Outcome:
     xml = ctx.check_dir / "pytest.xml"
-    rc = ctx.run([ctx.python, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
+    log = ctx.check_dir / "pytest.log"
+    # -v: one line per test as it ends, so that a run killed at the limit still says how far it got.
+    rc = ctx.run([ctx.python, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider",
                   "--continue-on-collection-errors", f"--junitxml={xml}", *gpu_test_files(ctx.root)],
-                 ctx.check_dir / "pytest.log", limit)
+                 log, limit)
     counts = ""
+    if not xml.is_file() and log.is_file():
+        words = Counter(m.group(1) for m in re.finditer(r" (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)",
+                                                        log.read_text(errors="replace")))
+        counts = ", ".join(f"{n} {w.lower()}" for w, n in words.items()) + " (before it stopped)"
     if xml.is_file():
         suite = ET.parse(xml).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -249,8 +256,8 @@ def compare(ctx: Context, limit: float) -> Outcome:
 
 # (name, title, limit on a GPU in s, limit in the CPU rehearsal in s, function), in priority order.
 STAGES = (
-    ("facts", "facts: nvidia-smi -q, versions, circtune devices", 25, 60, facts),
-    ("pytest", "pytest -m gpu", 75, 120, pytest_gpu),
+    ("facts", "facts: nvidia-smi -q, versions, circtune devices", 20, 60, facts),
+    ("pytest", "pytest -m gpu", 70, 120, pytest_gpu),
     ("bench", "kernel benchmark (bench_gpu_kernels.py)", 135, 120, bench),
     ("encoder", "circtune search roberta-large, budget 100k", 155, 150, encoder_search),
     ("decoder", f"circtune search llama-3-8b --space decoder, budget {DECODER_BUDGET}", 110, 150, decoder_search),

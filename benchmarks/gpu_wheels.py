@@ -224,9 +224,17 @@ def install(wheels: list[Path], site: Path, log: Path) -> None:
     """Install ``wheels`` and circtune (built from the checkout) into ``site``, offline; raises with pip's last
     error line when either fails."""
     site.mkdir(parents=True, exist_ok=True)
+    # circtune is built from a clean copy of its sources: setuptools reuses a stale build/lib of the checkout.
+    src = site.parent / "circtune-src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "circtune", "kernels", "search_spaces"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                        if (ROOT / name).is_dir() else {}))
     common = ["install", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade",
               "--disable-pip-version-check", "--target", str(site)]
-    steps = ([[*common, *map(str, wheels)]] if wheels else []) + [[*common, "--no-build-isolation", str(ROOT)]]
+    steps = ([[*common, *map(str, wheels)]] if wheels else []) + [[*common, "--no-build-isolation", str(src)]]
     with log.open("a") as f:
         for args in steps:
             f.write("$ pip " + " ".join(args) + "\n")

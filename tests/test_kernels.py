@@ -6,6 +6,7 @@ wrong in the interpreter, so bf16 is checked by the GPU tests at real sizes. Wit
 compiled on the GPU.
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -26,8 +27,11 @@ from circtune.space import expand, parse_space
 # Before the kernel modules are imported (circtune itself imports neither them nor Triton).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
+from circtune.kernels import _tuning  # noqa: E402
+from circtune.kernels import block_circulant_kernel_grad as kernel_grad_module  # noqa: E402
+from circtune.kernels import block_circulant_matmul as matmul_module  # noqa: E402
 from circtune.kernels._tuning import TileConfig  # noqa: E402
 from circtune.kernels.block_circulant_kernel_grad import (  # noqa: E402
     block_circulant_kernel_grad,
@@ -342,6 +346,100 @@ def test_launcher_argument_checks(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match=r"Triton kernels need CUDA tensors, got tensors on cpu; TRITON_INTERPRET"):
             block_circulant_matmul(x, w)
+
+
+# ----------------------------------------------------------------------------------------- autotune (CPU-testable)
+
+
+def _tile_timer(times: dict, failures: dict):
+    def time(config):
+        if config in failures:
+            raise failures[config]
+        return times[config]
+    return time
+
+
+def test_select_tile_takes_the_fastest_and_skips_a_tile_that_fails_for_any_reason(caplog):
+    a, b, c, d = (TileConfig(16, 16, 16), TileConfig(32, 32, 32), TileConfig(64, 64, 32), TileConfig(16, 64, 32))
+    gpu = ("NVIDIA H200", (9, 0))
+    failures = {a: RuntimeError("PassManager::run failed\nmore detail"),
+                d: triton.runtime.errors.OutOfResources(262144, 232448, "shared memory")}
+    time = _tile_timer({b: 2e-3, c: 1e-3}, failures)
+    with caplog.at_level(logging.INFO, logger=_tuning.__name__):
+        assert _tuning.select_tile((*gpu, "op", 1), [a, b, c, d], time) == c
+        # Another problem on the same GPU: the same failures are not logged again.
+        assert _tuning.select_tile((*gpu, "op", 2), [a, b, d], _tile_timer({b: 1.0}, failures)) == b
+    skipped = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert len(skipped) == 2, skipped
+    assert skipped[0][0] == logging.WARNING and "16x16x16 warps=4 stages=3" in skipped[0][1] \
+        and "RuntimeError: PassManager::run failed" in skipped[0][1]
+    # Too little shared memory on a smaller GPU is expected: logged, but as information.
+    assert skipped[1][0] == logging.INFO and "OutOfResources" in skipped[1][1]
+    # A NaN or infinite time cannot be ranked: that tile is skipped too.
+    assert _tuning.select_tile((*gpu, "op", 3), [a, b, c], _tile_timer({b: float("nan"), c: 5.0}, failures)) == c
+
+
+def test_select_tile_lets_out_of_memory_through_and_names_every_reason_when_nothing_works():
+    a, b = TileConfig(16, 16, 16), TileConfig(32, 32, 32)
+    key = ("NVIDIA A100", (8, 0), "block_circulant_matmul", torch.bfloat16, 4096)
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _tuning.select_tile(key, [a, b], _tile_timer({b: 1.0}, {a: oom}))
+    failures = {a: RuntimeError("ptxas fatal"), b: ValueError("bad\nsecond line")}
+    with pytest.raises(_tuning.NoTileWorks) as info:
+        _tuning.select_tile(key, [a, b], _tile_timer({}, failures))
+    message = str(info.value)
+    assert "block_circulant_matmul" in message and "NVIDIA A100" in message and "4096" in message
+    assert "16x16x16 warps=4 stages=3: RuntimeError: ptxas fatal" in message
+    assert "32x32x32 warps=4 stages=3: ValueError: bad" in message and "second line" not in message
+
+
+def test_autotune_keys_separate_call_sites_precision_and_dtypes(monkeypatch):
+    """A square layer's forward and input gradient, TF32 on and off, and fp16 against fp32 are tuned separately:
+    each compiles to a different kernel, so each needs its own tile."""
+    keys = []
+
+    def record(key, candidates, bench, device):
+        keys.append(key)
+        return candidates[0]
+
+    monkeypatch.setattr(matmul_module, "autotune", record)
+    monkeypatch.setattr(kernel_grad_module, "autotune", record)
+    w, x, weight, bias = _case((3, 3, 8), 40, torch.float32, True)
+    tf32_before = torch.backends.cuda.matmul.allow_tf32  # (a property monkeypatch cannot restore)
+    try:
+        for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False)):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            xd = x.to(dtype).requires_grad_()
+            block_circulant_linear(xd, w.clone().requires_grad_(), weight=weight.to(dtype), bias=bias.to(dtype)) \
+                .sum().backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+    assert len(keys) == 9  # forward, input gradient, kernel gradient, three times
+    forward, input_grad, kernel_grad = keys[0], keys[1], keys[2]
+    assert forward != input_grad, "a square layer's forward and input gradient share a key"
+    assert "ieee" in forward and "tf32" in keys[3] and keys[3:6] != keys[0:3] and kernel_grad != keys[5]
+    assert torch.float16 in keys[6] and set(keys[6:9]).isdisjoint(keys[0:6])
+    assert len(set(keys)) == 9
+
+
+def test_cuda_tile_lists_depend_on_dtype_and_precision():
+    half = matmul_module.cuda_configs(torch.bfloat16, "ieee")
+    assert matmul_module.cuda_configs(torch.float16, "ieee") == half
+    ieee, tf32 = matmul_module.cuda_configs(torch.float32, "ieee"), matmul_module.cuda_configs(torch.float32, "tf32")
+    fp64 = matmul_module.cuda_configs(torch.float64, "ieee")
+    assert len({half, ieee, tf32, fp64}) == 4
+    # FMA-unit dots (ieee fp32, fp64) hold operand fragments in registers: small K tiles only.
+    assert all(c.block_k <= 32 and c.block_m * c.block_n <= 128 * 64 for c in ieee + fp64)
+    for q_out, rows in ((3, 16), (32, 32), (192, 128)):
+        for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32"),
+                                 (torch.float64, "ieee")):
+            tiles = kernel_grad_module.cuda_configs(q_out, dtype, precision)
+            # Never more rows than q_out needs (padding); duplicates from the clamping removed.
+            assert tiles and len(set(tiles)) == len(tiles) and all(c.block_m <= rows for c in tiles)
+            assert all(c.check("kernel_grad") for c in tiles)
+        assert max(c.block_m for c in kernel_grad_module.cuda_configs(q_out, torch.bfloat16, "ieee")) == rows
+    assert not any(c.block_k > 32 for c in kernel_grad_module.cuda_configs(192, torch.float32, "ieee"))
 
 
 # ---------------------------------------------------------------------------------------------------- GPU, real sizes

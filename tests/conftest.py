@@ -16,6 +16,15 @@ def _threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_gpu(request, monkeypatch):
+    """A test not marked ``gpu`` assumes the CPU wherever it runs: on a GPU machine, a command without --device
+    (and "auto" dtypes) would otherwise measure on CUDA in bf16. The default device is the CPU for it (child
+    processes inherit it); ``gpu`` tests see the machine's default."""
+    if "gpu" not in request.keywords:
+        monkeypatch.setenv("CIRCTUNE_DEVICE", "cpu")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

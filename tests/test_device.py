@@ -81,6 +81,7 @@ def _props(**extra):
 def fake_gpu(monkeypatch):
     """Two visible CUDA devices; returns (nvml, props) so a test can change either."""
     props = [_props(), _props()]
+    monkeypatch.delenv(dev.DEVICE_ENV, raising=False)  # the default device is the (fake) GPU's
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(props))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -288,6 +289,7 @@ def _nvidia_smi(monkeypatch, which, stdout="", returncode=0, error=None):
             raise error
         return subprocess.CompletedProcess(argv, returncode, stdout, "")
 
+    monkeypatch.delenv(dev.DEVICE_ENV, raising=False)  # no device chosen: auto
     monkeypatch.setattr(dev.shutil, "which", lambda name: which if name == "nvidia-smi" else None)
     monkeypatch.setattr(dev.subprocess, "run", run)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -327,6 +329,28 @@ def test_profile_without_device_prints_the_warning_once(monkeypatch, tmp_path, c
     assert err.count("cannot see the GPU that nvidia-smi lists (NVIDIA H200)") == 1
     assert main([*args, "--device", "cpu"]) == 0  # on purpose: no warning
     assert "nvidia-smi" not in capsys.readouterr().err
+    monkeypatch.setenv(dev.DEVICE_ENV, "cpu")  # chosen through the environment: on purpose too
+    assert main(args) == 0
+    assert "nvidia-smi" not in capsys.readouterr().err
+
+
+def test_the_default_device_can_be_set_in_the_environment(fake_gpu, monkeypatch):
+    """Every test not marked gpu runs with CIRCTUNE_DEVICE=cpu (conftest), so that a GPU machine runs the suite as
+    the CPU does; here a machine with (fake) GPUs."""
+    assert dev.default_device() == torch.device("cuda", 0)
+    monkeypatch.setenv(dev.DEVICE_ENV, "cpu")
+    assert dev.default_device() == torch.device("cpu") and describe_device().kind == "cpu"
+    monkeypatch.setenv(dev.DEVICE_ENV, "cuda:1")
+    assert describe_device().index == 1
+    monkeypatch.setenv(dev.DEVICE_ENV, "tpu")
+    with pytest.raises(ValueError, match=r"CIRCTUNE_DEVICE='tpu' is not a device torch knows"):
+        describe_device()
+
+
+def test_tests_not_marked_gpu_run_on_the_cpu():
+    import os
+
+    assert os.environ[dev.DEVICE_ENV] == "cpu" and dev.default_device() == torch.device("cpu")
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------

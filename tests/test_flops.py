@@ -1,6 +1,7 @@
 """FLOP counts (fvcore forward, FlopCounterMode forward + backward) against the closed forms in measure.flops."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -10,6 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from circtune import C3ALinear, CDVFTLinear
 from circtune.measure.flops import FLOP_COUNTER_FORMULAS, FVCORE_HANDLES, analytic_flops, count_flops
+
+# Before the kernel modules are imported (the triton rows below), as in tests/test_kernels.py.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # d_in=48, d_out=96: q_out·q_in = 512, 288, 128, 32, 18 block pairs (complex bmm) for p = 3..16 and 8, 2 (the
 # multiply-add loop) for p = 24, 48; CDVFT's second product has 4 and 16 pairs there. p = 3, 6, 12, 24, 48 are
@@ -187,9 +192,34 @@ def test_traced_layer_shows_its_ops_and_computes_the_same(backend, transform):
     ({"method": "vera"}, r"method='vera' is not supported"),
     ({"method": "lora"}, r"rank=None is not valid for method='lora'"),
     ({"method": "c3a", "block_size": 5}, r"block_size=5 does not divide"),
-    ({"method": "cdvft", "block_size": 4, "backend": "triton"}, r"backend='triton' has no closed form"),
+    ({"method": "cdvft", "block_size": 4, "backend": "cuda"}, r"backend='cuda' has no closed form; valid backends: "
+                                                             r"torch, dense, triton"),
     ({"method": "c3a", "block_size": 4, "transform": "dct"}, r"transform='dct' is not supported"),
 ])
 def test_analytic_flops_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         analytic_flops(d_in=48, d_out=96, tokens=5, **kwargs)
+
+
+@pytest.mark.parametrize("method,factors", [("c3a", None), ("cdvft", 2), ("cdvft", 3)])
+@pytest.mark.parametrize("shape,d_in,d_out,p", [((5, 48), 48, 96, 16), ((2, 3, 96), 96, 48, 24)])
+def test_triton_kernels_are_counted_by_every_counter(method, factors, shape, d_in, d_out, p):
+    """The kernels are custom ops with FLOP formulas: FlopCounterMode counts them exactly as the closed form says
+    (a bare launch would count 0, and the row's 'added' FLOPs would be negative); fvcore's forward trace runs the
+    plain-torch product, which counts the same. Under the interpreter on the CPU, compiled on a GPU."""
+    pytest.importorskip("triton")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layer = _make(method, d_in, d_out, p, "triton", "rfft", factors or 2).to(device)
+    x, g = (t.to(device) for t in _inputs(shape, d_out))
+    tokens = math.prod(shape[:-1])
+    expected = analytic_flops(method, d_in, d_out, tokens, block_size=p, factors=factors, backend="triton")
+    counted = count_flops(layer, x, g)
+    assert (counted.fwd, counted.fwd_bwd) == (expected.fwd, expected.fwd_bwd)
+    with FlopCounterMode(display=False) as counter:  # a counter of one's own, no custom mapping
+        layer(x).backward(g)
+    ops = {str(op) for op in counter.get_flop_counts()["Global"]}
+    assert {"circtune.block_circulant_linear", "circtune.block_circulant_input_grad",
+            "circtune.block_circulant_kernel_grad"} <= ops
+    assert counter.get_total_flops() == expected.fwd_bwd
+    none = analytic_flops("none", d_in, d_out, tokens)
+    assert expected.fwd_bwd > none.fwd_bwd and expected.fwd >= none.fwd  # never negative "added" FLOPs

@@ -124,8 +124,21 @@ def software_versions() -> dict[str, str | None]:
 # --- choosing a device ----------------------------------------------------------------------------------------
 
 
+# The default device, when set: what a command without --device measures on (the test suite sets it to cpu for
+# every test not marked gpu, so that a plain pytest run on a GPU machine tests what it tests on the CPU).
+DEVICE_ENV = "CIRCTUNE_DEVICE"
+
+
 def default_device() -> torch.device:
-    """The current CUDA device when there is one, else the CPU."""
+    """``$CIRCTUNE_DEVICE`` when set (cpu, cuda or cuda:N), else the current CUDA device when there is one, else
+    the CPU."""
+    chosen = os.environ.get(DEVICE_ENV, "").strip()
+    if chosen:
+        try:
+            return torch.device(chosen)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"{DEVICE_ENV}={chosen!r} is not a device torch knows; accepted: cpu, cuda, "
+                             "cuda:N") from e
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -195,7 +208,7 @@ def describe_device(device: str | torch.device | None = None, *, threads: int | 
     if device is None:
         dev = default_device()
         # The one place the default device is chosen: say once, on stderr, when that is the CPU by accident.
-        warning = unseen_gpu_warning() if dev.type == "cpu" else None
+        warning = unseen_gpu_warning() if dev.type == "cpu" and not os.environ.get(DEVICE_ENV) else None
         if warning:
             print(warning, file=sys.stderr)
     else:

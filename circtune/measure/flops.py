@@ -45,6 +45,12 @@ Forward total G + Σ products; backward G + Σ products (the diagonals' multipli
 ``[d_out, d_out] @ [d_out, d_in]``, K = 2·d_out²·d_in each. Forward G + (m − 2)·K; backward 2·G (input and weight
 gradient of the one GEMM) + 2·(m − 2)·K.
 
+``c3a`` / ``cdvft``, backend ``triton``: each circulant product is one implicit GEMM (custom ops whose FLOP formulas
+:mod:`circtune.kernels.block_circulant_linear` registers), 2·T·d_in·d_out for the first factor (W0 fused into it for
+C3A) and P = 2·T·d_out² for each later one; its input gradient the same, its kernel gradient the same again.
+C3A: forward G; backward 2·G. CDVFT (the frozen layer separate): forward G + F, backward G + 2·F, with
+F = G + (m − 2)·P.
+
 ``peft-c3a`` (PEFT's C3ALinear, frozen base): full complex transforms and a bmm always, C = 5 p log2 p:
 forward G + (T·q_in + q_out·q_in)·R + 8·T·q_in·q_out·p + T·q_out·C; backward G + (T·q_out + q_out·q_in)·R +
 8·T·q_in·q_out·p + T·q_in·C (input gradient) + T·q_in·R + 8·T·q_in·q_out·p + q_out·q_in·C (kernel gradient).
@@ -53,6 +59,7 @@ That is ``c3a`` with ``transform="fft"`` on the bmm path less our ``scale`` mult
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import types
 from collections.abc import Callable
@@ -230,6 +237,20 @@ def _fvcore_handles() -> dict[str, Callable]:
 FVCORE_HANDLES = types.MappingProxyType(_fvcore_handles())
 
 
+def _register_kernel_ops() -> None:
+    """The triton backend's custom ops carry their FLOP formulas: import them now, so that every counter made from
+    here on sees them (FlopCounterMode copies the formula registry when it is made). Imports no kernel."""
+    if importlib.util.find_spec("triton") is None:
+        return
+    try:
+        from ..kernels import block_circulant_linear  # noqa: F401
+    except Exception:  # a broken Triton install: the backend reports it as unavailable itself
+        pass
+
+
+_register_kernel_ops()
+
+
 def count_flops(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> FlopCounts:
     """Forward FLOPs (fvcore trace of ``module(x)``) and forward + backward FLOPs (``module(x).backward(grad)``
     under ``FlopCounterMode``), FLOPs = 2 × MACs. Gradients the backward leaves on ``x`` and the parameters are
@@ -322,8 +343,13 @@ def analytic_flops(method: str, d_in: int, d_out: int, tokens: int, *, block_siz
     if backend == "dense":
         chain = (m - 2) * 2 * d_out * d_out * d_in
         return FlopCounts(gemm + chain, 3 * gemm + 3 * chain)
+    if backend == "triton":
+        if method == "c3a":
+            return FlopCounts(gemm, 3 * gemm)
+        factors_flops = gemm + (m - 2) * 2 * tokens * d_out * d_out
+        return FlopCounts(gemm + factors_flops, 2 * gemm + 3 * factors_flops)
     if backend != "torch":
-        raise ValueError(f"backend={backend!r} has no closed form; valid backends: torch, dense")
+        raise ValueError(f"backend={backend!r} has no closed form; valid backends: torch, dense, triton")
     check_transform(transform)
     fwd = bwd = 0.0
     for qi in [q_in] + [q_out] * (m - 2):

@@ -291,3 +291,19 @@ def test_triton_refuses_bf16_below_sm80_with_the_reason(monkeypatch):
     layer = C3ALinear(torch.nn.Linear(32, 32), 16, backend="triton")
     with pytest.raises(ValueError, match=r"^triton backend: torch.float32 is not for cpu$"):
         layer(torch.randn(4, 32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["dense", "triton"])
+@pytest.mark.parametrize("method", ["c3a", "cdvft"])
+def test_correct_backends_pass_the_check_on_the_gpu_at_real_sizes(method, backend, dtype):
+    """The tolerances hold on the device at the profiler's sizes (TF32, bf16 tensor cores, cuFFT): a correct
+    backend is never recorded as a wrong result."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    base = torch.nn.Linear(1024, 512, device="cuda", dtype=dtype)
+    layer = (C3ALinear(base, 64, backend=backend) if method == "c3a"
+             else CDVFTLinear(base, 64, factors=3, backend=backend)).cuda()
+    check_against_reference(layer, torch.randn(4096, 1024, device="cuda", dtype=dtype),
+                            torch.randn(4096, 512, device="cuda", dtype=dtype))

@@ -8,6 +8,7 @@ module is ever installed.
 * ``block_circulant_linear``: the autograd.Function over both (what the ``triton`` backend calls);
 * ``triton_backend``: registers ``backend="triton"`` (imported by circtune.adapters; imports no Triton itself);
 * ``_tuning``: tile configurations, argument checks and the autotune cache.
+* ``_aot``: the ahead-of-time compile check for sm_90 and sm_80 (``python -m circtune.kernels._aot``).
 
 Nothing here is imported by ``import circtune`` except ``triton_backend``: Triton stays optional.
 """

@@ -89,12 +89,7 @@ def facts(ctx: Context, limit: float) -> Outcome:
         if rc != 0:
             errors.append(f"nvidia-smi -q: {ctx.describe(rc)}")
         elif not ctx.dry_run:
-            text = (folder / "nvidia-smi.txt").read_text(errors="replace")
-            keys = ("Product Name", "Driver Version", "CUDA Version", "Current Power Limit", "Power Limit")
-            found = {k: m.group(1).strip() for k in keys if (m := re.search(rf"^\s*{k}\s*:\s*(.+)$", text, re.M))}
-            sm = re.search(r"Max Clocks\s*\n(?:.*\n)*?\s*SM\s*:\s*(.+)", text)
-            head.append(", ".join(f"{k} {v}" for k, v in found.items()) + (f", SM max clock {sm.group(1)}"
-                                                                           if sm else ""))
+            head.append(smi_headline((folder / "nvidia-smi.txt").read_text(errors="replace")))
     elif ctx.mode == "gpu":
         errors.append("nvidia-smi not found")
     else:
@@ -112,6 +107,17 @@ def facts(ctx: Context, limit: float) -> Outcome:
     if rc != 0:
         errors.append(f"circtune devices --json: {ctx.describe(rc)}")
     return Outcome(not errors, head, "; ".join(errors))
+
+
+def smi_headline(text: str) -> str:
+    """GPU, driver, CUDA, power limit and SM clocks (now and max) from ``nvidia-smi -q``."""
+    keys = ("Product Name", "Driver Version", "CUDA Version", "Current Power Limit", "Power Limit")
+    found = {k: m.group(1).strip() for k in keys if (m := re.search(rf"^\s*{k}\s*:\s*(.+)$", text, re.M))}
+    for section, name in (("Clocks", "SM clock"), ("Max Clocks", "SM max clock")):
+        m = re.search(rf"^\s*{section}\s*\n(?:[^\n]*\n)*?\s*SM\s*:\s*(.+)$", text, re.M)
+        if m:
+            found[name] = m.group(1).strip()
+    return ", ".join(f"{k} {v}" for k, v in found.items())
 
 
 VERSIONS = r"""

@@ -112,6 +112,32 @@ def test_environment_check_names_what_is_missing_in_one_entry(tmp_path):
     assert found["mismatch"] == [] and found["cuda_available"] is False and found["torch"]
 
 
+SMI = """==============NVSMI LOG==============
+Driver Version                            : 580.159.04
+CUDA Version                              : 13.0
+GPU 00000000:00:05.0
+    Product Name                          : NVIDIA H200
+    GPU Power Readings
+        Current Power Limit               : 700.00 W
+        Max Power Limit                   : 700.00 W
+    Clocks Event Reasons
+        Idle                              : Active
+    Clocks
+        Graphics                          : 345 MHz
+        SM                                : 345 MHz
+        Memory                            : 3201 MHz
+    Max Clocks
+        Graphics                          : 1980 MHz
+        SM                                : 1980 MHz
+"""
+
+
+def test_facts_headline_reads_nvidia_smi():
+    assert gpu_check.stages.smi_headline(SMI) == (
+        "Product Name NVIDIA H200, Driver Version 580.159.04, CUDA Version 13.0, Current Power Limit 700.00 W, "
+        "SM clock 345 MHz, SM max clock 1980 MHz")
+
+
 def test_runner_kills_the_whole_process_group_at_the_limit(tmp_path):
     ctx = gpu_check.Context(ROOT, tmp_path, "tiny", "cpu", dict(os.environ), tmp_path / "site")
     pid_file = tmp_path / "child.pid"

@@ -43,8 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from circtune.adapters._backends import get_backend
-from circtune.adapters._circulant import block_circulant_matrix
+from circtune.adapters import block_circulant_matrix, get_backend
 from circtune.measure.baselines import build_module, peft_available
 from circtune.measure.timing import StepTiming, TimingSettings, time_step
 from circtune.space import DTYPES, Candidate

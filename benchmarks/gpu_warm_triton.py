@@ -19,8 +19,7 @@ import time
 import torch
 from torch import nn
 
-from circtune.adapters.c3a import C3ALinear
-from circtune.adapters.cdvft import CDVFTLinear
+from circtune.adapters import C3ALinear, CDVFTLinear
 
 # (method, d, p): C3A at the benchmark's widths, CDVFT (no fused base: other variants) at roberta-large's.
 TASKS = [("c3a", d, p) for d in (1024, 4096) for p in (32, 64, 128, 256)] + [("cdvft", 1024, p)

@@ -14,12 +14,14 @@ launch) under a stand-in driver that reports the fixed target, all the way to a 
 ``ptxas -v``'s log (Triton prints it with ``knobs.nvidia.dump_ptxas_log``; each worker compiles into a fresh cache
 so that every kernel really goes through ptxas).
 
-Sampling. Compiling every tile × dtype × p × call site would take ~30 minutes on two cores. Every tile of every
-offered list is compiled at least twice per target and dtype: forward tiles once as a C3A forward (``W0`` and bias
-fused, p a power of two) and once as an input gradient (``W0ᵀ`` strided or a CDVFT factor without ``W0``, p not a
-power of two), rotating through the p values; kernel-gradient tiles at split = 1 and split > 1 (atomics), rotating
-p, for a wide layer (full row tiles) and a narrow one (``q_out`` < 64 clamps the row tile). ``--full`` compiles the
-whole product instead.
+Sampling. The whole product (every tile × call site × 5 p × 2 token counts × split: ~2,700 kernels) takes about
+half an hour on two cores; ``--full`` compiles it. The default sample (~150 kernels, ~100 s of CPU) compiles, per
+target and dtype, every tile of the forward list once, rotating the call site (C3A forward with ``W0`` and bias,
+C3A input gradient with ``W0ᵀ`` strided, CDVFT factor forward and input gradient without ``W0``: each at least
+once), p (16, 24, 64, 96, 256: powers of two and not) and the token count (512 and 500: Triton specialises
+integers on divisibility by 16); and every tile of the kernel gradient's list for a wide layer (``q_out`` >= 128:
+full row tiles) plus every other tile of two narrow ones (``q_out`` = 3 and 32: row tiles clamped to 16 and 32),
+alternating split = 1 (plain stores) and split = 4 (atomics).
 """
 
 from __future__ import annotations
@@ -49,8 +51,6 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
                                   "fp64": torch.float64}
 # Spills (bytes of spill stores per thread) allowed before a tile counts as spilling; 0 in practice today.
 SPILL_BOUND = 64
-P_POW2 = (16, 64, 256)
-P_OTHER = (24, 96)
 _TOKENS = (512, 500)  # a multiple of 16 and not: Triton specialises integer arguments on divisibility by 16
 
 
@@ -232,6 +232,10 @@ def _record(check: Check) -> list:
             labelled.append((("c3a " if c3a else "cdvft ") + site, launch))
         else:
             labelled.append(("kernel gradient", launch))
+    if matmuls != 2 or len(labelled) != 3:
+        # The launchers changed: this check would no longer see what a real call compiles.
+        raise RuntimeError(f"expected a forward, an input-gradient and a kernel-gradient launch, recorded "
+                           f"{[site for site, _ in labelled]}")
     return labelled
 
 
@@ -259,14 +263,16 @@ def _worker_setup() -> None:
     triton.knobs.cache.dir = cache
     triton.knobs.nvidia.dump_ptxas_log = True
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
-    torch.manual_seed(0)
 
 
 _READY = False
 
 
 def run_check(check: Check) -> Result:
-    """Compile the launch of ``check`` for its target (nothing runs); never raises for a compile error."""
+    """Compile the launch of ``check`` for its target (nothing runs); never raises for a compile error.
+
+    Meant for a process of its own (``run``'s workers, or this module's command line): it points the process's
+    Triton at a stand-in driver and a temporary cache."""
     global _READY
     if not _READY:
         _worker_setup()
@@ -278,7 +284,7 @@ def run_check(check: Check) -> Result:
         if len(launches) != 1:
             raise RuntimeError(f"expected one launch at {check.site}, recorded {len(launches)}")
     except Exception as e:  # noqa: BLE001 - the table reports it
-        return Result(check, False, f"recording failed: {type(e).__name__}: {e}")
+        return Result(check, False, f"recording failed: {type(e).__name__}: {str(e).strip()[:300]}")
     kernel, grid, args, kwargs = launches[0]
     launch = {k: (str(v) if not isinstance(v, (int, float, bool, str)) else v) for k, v in kwargs.items()}
     driver.set_active(_TargetDriver(TARGETS[check.target][0]))
@@ -321,7 +327,8 @@ def run(selected: Sequence[Check], workers: int = 2, progress: bool = False) -> 
     if workers <= 1:
         for i in order:
             results[i] = run_check(selected[i])
-            bar.update() if bar else None
+            if bar:
+                bar.update()
     else:
         # spawn: a fresh interpreter per worker, so no interpreter-mode kernels or CUDA state come along.
         context = multiprocessing.get_context("spawn")
@@ -329,7 +336,8 @@ def run(selected: Sequence[Check], workers: int = 2, progress: bool = False) -> 
             futures = {pool.submit(run_check, selected[i]): i for i in order}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
-                bar.update() if bar else None
+                if bar:
+                    bar.update()
     if bar:
         bar.close()
     return [r for r in results if r is not None]

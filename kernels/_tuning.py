@@ -2,9 +2,9 @@
 
 Every launcher takes its tunable values (tile sizes, warps, stages, token splits) as a :class:`TileConfig` so that
 the profiler can set them; ``None`` means "the autotuned default": on a CUDA device each candidate configuration is
-timed once per problem key (``triton.testing.do_bench``) and the fastest is cached for the process; under the
-interpreter (``TRITON_INTERPRET=1``, CPU tensors) a fixed small configuration is used, since timing the
-interpreter would measure numpy.
+timed once per problem key (``triton.testing.do_bench``; a candidate that fails to compile or launch is skipped
+and logged) and the fastest is cached for the process; under the interpreter (``TRITON_INTERPRET=1``, CPU
+tensors) a fixed small configuration is used, since timing the interpreter would measure numpy.
 
 Kernel-writing rule: inside ``@triton.jit`` code use only ``triton.language`` *builtins* (``tl.full``, not
 ``tl.zeros``; integer arithmetic, not ``tl.cdiv``). Triton's own library functions are ``@jit`` functions decorated

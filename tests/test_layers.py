@@ -7,7 +7,7 @@ from torch import nn
 
 from circtune import C3ALinear, CDVFTLinear, c3a_num_params, cdvft_num_params
 
-PATHS = [("torch", "rfft"), ("torch", "fft"), ("dense", "rfft")]
+PATHS = [("torch", "rfft"), ("torch", "fft"), ("torch", "dft"), ("dense", "rfft")]
 # (d_in, d_out, p): the shapes, with block sizes that are not powers of two among them.
 SHAPES = [(64, 64, 16), (64, 64, 64), (768, 768, 48), (768, 768, 768), (768, 3072, 96), (3072, 768, 192),
           (3072, 768, 768), (1024, 4096, 64), (1024, 4096, 1024)]
@@ -192,7 +192,7 @@ def test_bad_inputs_raise_clear_errors():
         CDVFTLinear(nn.Linear(64, 64), 8, 1)
     with pytest.raises(ValueError, match=r"backend='cuda_magic' is not supported; valid backends: torch, dense"):
         C3ALinear(nn.Linear(64, 64), 8, backend="cuda_magic")
-    with pytest.raises(ValueError, match=r"transform='dct' is not supported; valid transforms: rfft, fft"):
+    with pytest.raises(ValueError, match=r"transform='dct' is not supported; valid transforms: rfft, fft, dft"):
         CDVFTLinear(nn.Linear(64, 64), 8, transform="dct")
     with pytest.raises(ValueError, match=r"init='ones' is not supported; valid inits: zeros, gaussian"):
         C3ALinear(nn.Linear(64, 64), 8, init="ones")

@@ -14,7 +14,9 @@ so ``y_i[u] = Σ_j Σ_s w[i, j, s] · x_j[(u + s) mod p]``: a circular cross-cor
 
 each a per-frequency mixing across blocks (a batched complex GEMM) between a transform and its inverse.
 For real signals only ``p//2 + 1`` frequencies are needed (``rfft``); ``fft`` keeps all ``p`` and is here
-so that the profiler can measure the difference.
+so that the profiler can measure the difference. ``dft`` computes the same half spectrum as real GEMMs against
+cached cos/sin bases (:mod:`._dft`): more FLOPs than an FFT (O(p) per element, not O(log p)), but every one of them
+in a GEMM, which tensor cores run in bf16/fp16.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import functools
 
 import torch
 
-TRANSFORMS = ("rfft", "fft")
+from . import _dft
+
+TRANSFORMS = ("rfft", "fft", "dft")
 
 
 def check_transform(transform: str) -> str:
@@ -201,7 +205,8 @@ class _FFTBlockCirculantProduct(torch.autograd.Function):
 
 def block_circulant_product(x: torch.Tensor, w: torch.Tensor, *, scale: float = 1.0,
                             transform: str = "rfft") -> torch.Tensor:
-    """``scale · C(w) x`` over the last axis of ``x`` via torch.fft, with a hand-written FFT backward.
+    """``scale · C(w) x`` over the last axis of ``x`` via torch.fft (``rfft``, ``fft``) or DFT GEMMs (``dft``),
+    with a hand-written backward.
 
     x: [..., q_in·p] in any float dtype; w: [q_out, q_in, p]. Returns [..., q_out·p] in x's dtype.
     """
@@ -209,6 +214,10 @@ def block_circulant_product(x: torch.Tensor, w: torch.Tensor, *, scale: float = 
     if w.dim() != 3 or x.shape[-1] != w.shape[1] * w.shape[2]:
         raise ValueError(f"kernel of shape {tuple(w.shape)} does not fit input of shape {tuple(x.shape)}: "
                          "expected x[..., q_in * p] for w[q_out, q_in, p]")
+    if transform == "dft":
+        if torch.jit.is_tracing():
+            return _dft.dft_product_traced(x, w, float(scale))
+        return _dft.DFTBlockCirculantProduct.apply(x, w, float(scale))
     if torch.jit.is_tracing():
         # As in block_circulant_matrix: tracers see the forward's ops (autograd then differentiates them natively).
         return _fft_product(x, w, float(scale), transform)

@@ -171,10 +171,14 @@ def _log_skip(key: tuple, config: TileConfig, e: BaseException, reason: str) -> 
             key, reason)
 
 
-def layout(t: torch.Tensor | None) -> tuple[bool, ...] | None:
-    """Which strides of ``t`` are 1 (None without a tensor): Triton specialises on it, and the access pattern, so
-    the fastest tile, follows it (``W0`` in the forward against ``W0ᵀ`` in the input gradient)."""
-    return None if t is None else tuple(s == 1 for s in t.stride())
+def layout(t: torch.Tensor | None) -> tuple | None:
+    """How Triton specialises a launch on ``t`` (None without a tensor): each stride as 1, a multiple of 16 or
+    neither, and whether the data pointer is 16-byte aligned. Each combination is its own compiled kernel, and the
+    access pattern, so the fastest tile, follows the strides (the forward's ``W0`` against the input gradient's
+    ``W0ᵀ``)."""
+    if t is None:
+        return None
+    return tuple(1 if s == 1 else 16 if s % 16 == 0 else 0 for s in t.stride()), t.data_ptr() % 16 == 0
 
 
 def size_bucket(n: int) -> int:

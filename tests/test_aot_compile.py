@@ -59,6 +59,16 @@ def test_every_kernel_compiles_for_sm90_and_sm80_within_shared_memory_and_withou
         assert r["ok"], (c, r["error"])
         assert 0 < r["shared"] <= _aot.TARGETS[c["target"]][1], c
         assert r["registers"] > 0 and r["spill_stores"] <= _aot.SPILL_BOUND, (c, r)
+        # The launch is the call site's own: W0 and bias fused in the C3A forward, W0ᵀ alone in its input
+        # gradient, neither for a CDVFT factor; atomics exactly when the tokens are split.
+        launch = r["launch"]
+        if c["site"] == "kernel gradient":
+            assert launch["USE_ATOMIC"] == (c["kernel_grad"]["split"] > 1), c
+        else:
+            assert (launch["HAS_BASE"], launch["HAS_BIAS"]) == {
+                "c3a forward": (True, True), "c3a input gradient": (True, False),
+                "cdvft forward": (False, False), "cdvft input gradient": (False, False)}[c["site"]], c
+        assert launch["BLOCK_M"] == (c["forward"] or c["kernel_grad"])["block_m"], c
 
 
 def test_the_check_catches_the_tiles_it_was_written_for():

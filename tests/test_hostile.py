@@ -307,7 +307,7 @@ CASES = [
      "layers['blocks.0.upp']: TwoShapes has no module of that name; did you mean 'blocks.0.up'"),
     ([*CHECK, "{in}/not_linear.json"], "layers['blocks.0']: is a ModuleDict, not an nn.Linear"),
     ([*CHECK, "{in}/backend.json"], "layers['square'].backend: 'cuda_magic' is not a backend here; accepted: torch"),
-    ([*CHECK, "{in}/transform.json"], "layers['square'].transform: 'dct' is not a transform; accepted: rfft, fft"),
+    ([*CHECK, "{in}/transform.json"], "layers['square'].transform: 'dct' is not a transform; accepted: rfft, fft, dft"),
     ([*CHECK, "{in}/unknown_key.json"], "layers['square'].colour: unknown key; accepted: method, block_size"),
     ([*CHECK, "{in}/c3a_factors.json"], "layers['square'].factors: 3 is not valid for c3a"),
     ([*CHECK, "{in}/cdvft_factors.json"], "layers['square'].factors: 1 is not valid for cdvft; accepted: an integer"),

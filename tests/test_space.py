@@ -34,8 +34,8 @@ def test_default_space_for_1024_square_on_cpu():
     candidates, excluded = expand(load_space(), 1024, 1024, "cpu")
     sizes = sorted({c.block_size for c in candidates})
     assert sizes == [32, 64, 128, 256, 512, 1024]
-    # c3a: torch x {rfft, fft} + dense = 3 per p; cdvft: the same for each of m = 2, 3, 4.
-    assert len(candidates) == 6 * 3 + 6 * 3 * 3
+    # c3a: torch x {rfft, fft, dft} + dense = 4 per p; cdvft: the same for each of m = 2, 3, 4.
+    assert len(candidates) == 6 * 4 + 6 * 4 * 3
     assert len(set(candidates)) == len(candidates)
     assert all(c.transform is None for c in candidates if c.backend == "dense")
     assert not any(c.backend == "triton" for c in candidates)
@@ -70,7 +70,7 @@ def test_nothing_divides_is_recorded():
     ({"method": ["c3a"]}, "method", "did you mean 'methods'"),
     ({"methods": ["c3a", "lora"]}, "methods", "accepted: c3a, cdvft"),
     ({"methods": []}, "methods", "non-empty list"),
-    ({"transforms": ["dct"]}, "transforms", "accepted: rfft, fft"),
+    ({"transforms": ["dct"]}, "transforms", "accepted: rfft, fft, dft"),
     ({"backends": ["cuda"]}, "backends", "accepted: torch, dense, triton"),
     ({"dtypes": ["int8"]}, "dtypes", "accepted: auto, fp32, bf16, fp16"),
     ({"factors": [1, 2]}, "factors", "integer >= 2"),

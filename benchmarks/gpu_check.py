@@ -196,10 +196,7 @@ def setup(work: Path, wheels: Path, log: Path) -> tuple[dict[str, str], Path, di
         chosen = []
         notes.append(f"wheels: no folder {wheels} (run `make wheels` on a machine with a registry and carry it); "
                      "circtune alone is installed")
-    try:
-        gpu_wheels.install(chosen, site, log)
-    except RuntimeError as e:
-        notes.append(f"install failed: {e}")
+    notes += gpu_wheels.install(chosen, site, log)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
            "PATH": os.pathsep.join([str(site / "bin"), os.environ.get("PATH", "")]),
            # The checkout's circtune/ must not shadow the installed copy (which maps circtune.kernels to kernels/).

@@ -220,9 +220,9 @@ def installable(folder: Path) -> tuple[list[Path], list[str]]:
     return chosen, notes
 
 
-def install(wheels: list[Path], site: Path, log: Path) -> None:
-    """Install ``wheels`` and circtune (built from the checkout) into ``site``, offline; raises with pip's last
-    error line when either fails."""
+def install(wheels: list[Path], site: Path, log: Path) -> list[str]:
+    """Install ``wheels`` and circtune (built from the checkout) into ``site``, offline. Returns one line per step
+    that failed (pip's last error line); a failed wheel step does not stop circtune's."""
     site.mkdir(parents=True, exist_ok=True)
     # circtune is built from a clean copy of its sources: setuptools reuses a stale build/lib of the checkout.
     src = site.parent / "circtune-src"
@@ -234,15 +234,18 @@ def install(wheels: list[Path], site: Path, log: Path) -> None:
                                         if (ROOT / name).is_dir() else {}))
     common = ["install", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade",
               "--disable-pip-version-check", "--target", str(site)]
-    steps = ([[*common, *map(str, wheels)]] if wheels else []) + [[*common, "--no-build-isolation", str(src)]]
+    steps = ([("the wheels", [*common, *map(str, wheels)])] if wheels else []) + [
+        ("circtune", [*common, "--no-build-isolation", str(src)])]
+    errors = []
     with log.open("a") as f:
-        for args in steps:
+        for what, args in steps:
             f.write("$ pip " + " ".join(args) + "\n")
             f.flush()
             proc = _pip(*args)
             f.write(proc.stdout + proc.stderr)
             if proc.returncode != 0:
-                raise RuntimeError(f"pip install into {site} failed: {_last_error(proc)}")
+                errors.append(f"installing {what} into {site} failed: {_last_error(proc)}")
+    return errors
 
 
 # Run by the staged interpreter: imports every module the stages need and checks every installed requirement.

@@ -100,6 +100,18 @@ def test_installable_leaves_out_other_interpreters_and_torch(tmp_path):
     assert any(n.startswith("torch-2.0") and "never installed" in n for n in notes)
 
 
+def test_install_builds_circtune_even_when_a_wheel_is_broken(tmp_path):
+    broken = tmp_path / "broken-1.0-py3-none-any.whl"
+    broken.write_bytes(b"not a zip file")
+    site, log = tmp_path / "site", tmp_path / "install.log"
+    errors = gpu_wheels.install([broken], site, log)
+    assert len(errors) == 1 and errors[0].startswith(f"installing the wheels into {site} failed: ")
+    # circtune is installed all the same, its kernels and search spaces inside the package as in any install
+    assert (site / "circtune" / "kernels" / "block_circulant_matmul.py").is_file()
+    assert (site / "circtune" / "search_spaces" / "decoder.toml").is_file()
+    assert (site / "bin" / "circtune").is_file()
+
+
 def test_environment_check_names_what_is_missing_in_one_entry(tmp_path):
     site = tmp_path / "site"
     (site / "fvcore").mkdir(parents=True)

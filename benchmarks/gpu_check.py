@@ -235,8 +235,9 @@ def summary(ctx: Context, results: list[Result], setup_notes: list[str], started
              f"{passed} of {len(ran)} stages passed in {time.perf_counter() - started:.0f} s "
              f"(python {sys.version.split()[0]}, {sys.executable}).", ""]
     if ctx.mode != "gpu":
-        setup_notes = [*setup_notes, "tiny mode: each stage's command on small substitutes (a 1-layer RoBERTa, a "
-                       "1-layer Llama, 64 x 64 layers, few repetitions): see benchmarks/gpu_check_stages.py"]
+        setup_notes = [*setup_notes, "tiny mode: each stage's command on small substitutes (a 1-layer RoBERTa of "
+                       "width 32, a 1-layer Llama of width 64, 64 x 64 benchmark layers at 64 tokens, 3 repetitions)"
+                       ": see benchmarks/gpu_check_stages.py"]
     lines += [f"* {n}" for n in setup_notes]
     lines += ["", "| # | stage | status | time s | limit s | result |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(results, 1):

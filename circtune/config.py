@@ -50,7 +50,7 @@ class LayerConfig:
     method: str  # "c3a" or "cdvft"
     block_size: int  # p: divides both d_in and d_out of the layer
     factors: int | None = None  # cdvft: number of diagonal factors m >= 2; c3a: None
-    transform: str = "rfft"  # "rfft" or "fft" (ignored by the dense backend)
+    transform: str = "rfft"  # "rfft", "fft" or "dft" (ignored by the dense backend)
     backend: str = "torch"  # a name from circtune.available_backends()
     alpha: float = 1.0  # cdvft: scale of ΔW
     init: str = "zeros"  # c3a: kernel initialisation

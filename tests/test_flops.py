@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 # multiply-add loop) for p = 24, 48; CDVFT's second product has 4 and 16 pairs there. p = 3, 6, 12, 24, 48 are
 # not powers of two.
 BLOCK_SIZES = [3, 4, 6, 12, 16, 24, 48]
-PATHS = [("torch", "rfft"), ("torch", "fft"), ("dense", "rfft")]
+PATHS = [("torch", "rfft"), ("torch", "fft"), ("torch", "dft"), ("dense", "rfft")]
 # (input shape, d_in, d_out): token counts that are not powers of two, a 3-D input, both aspect ratios.
 INPUTS = [((5, 48), 48, 96), ((2, 3, 96), 96, 48)]
 
@@ -184,7 +184,9 @@ def test_traced_layer_shows_its_ops_and_computes_the_same(backend, transform):
     kinds = {node.kind() for node in traced.inlined_graph.nodes()}
     assert "prim::PythonOp" not in kinds
     if backend == "torch":
-        assert {f"aten::fft_{transform}", "aten::bmm"} <= kinds
+        # dft: the transforms are GEMMs against the bases (aten::matmul), the mixing four bmm.
+        ops = {"aten::matmul"} if transform == "dft" else {f"aten::fft_{transform}"}
+        assert ops | {"aten::bmm"} <= kinds
     torch.testing.assert_close(traced(x), layer(x))
 
 

@@ -119,6 +119,14 @@ def kernel_spectrum(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return spec.view(2, num_freqs(p), q_out, q_in)
 
 
+def _gemm_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, sign: int,
+              out: torch.Tensor) -> None:
+    """``out = a@b + sign·c@d`` (batched): the second product accumulated by the GEMM itself (β = 1), no
+    elementwise pass. ``baddbmm(out=)`` rather than ``baddbmm_``: FlopCounterMode counts the former only."""
+    torch.bmm(a, b, out=out)
+    torch.baddbmm(out, c, d, alpha=sign, out=out)
+
+
 def mix(spec: torch.Tensor, mr: torch.Tensor, mi: torch.Tensor, form: str | None = None) -> torch.Tensor:
     """``out = spec · (mr + i·mi)`` per frequency: spec ``[2, F, N, a]``, mr/mi ``[F, a, b]`` -> ``[2, F, N, b]``."""
     xr, xi = spec[0], spec[1]
@@ -126,10 +134,12 @@ def mix(spec: torch.Tensor, mr: torch.Tensor, mi: torch.Tensor, form: str | None
         # Re = t1 − t3, Im = t1 + t2 with t1 = (Xr + Xi)·Mr, t2 = Xr·(Mi − Mr), t3 = Xi·(Mr + Mi).
         t1 = torch.bmm(xr + xi, mr)
         return torch.stack([t1 - torch.bmm(xi, mr + mi), t1 + torch.bmm(xr, mi - mr)])
+    if torch.jit.is_tracing():  # out-of-place, so that tracers (fvcore) see four plain bmm
+        return torch.stack([torch.bmm(xr, mr) - torch.bmm(xi, mi), torch.bmm(xr, mi) + torch.bmm(xi, mr)])
     out = spec.new_empty(2, *xr.shape[:2], mr.shape[2])
     # Re = Xr·Mr − Xi·Mi, Im = Xr·Mi + Xi·Mr: the second product of each accumulated by the GEMM (β = 1).
-    torch.bmm(xr, mr, out=out[0]).baddbmm_(xi, mi, alpha=-1)
-    torch.bmm(xr, mi, out=out[1]).baddbmm_(xi, mr)
+    _gemm_acc(xr, mr, xi, mi, -1, out[0])
+    _gemm_acc(xr, mi, xi, mr, 1, out[1])
     return out
 
 
@@ -138,8 +148,8 @@ def correlate(g_spec: torch.Tensor, x_spec: torch.Tensor) -> torch.Tensor:
     gr, gi = g_spec[0].transpose(1, 2), g_spec[1].transpose(1, 2)  # [F, q_g, N]: transposed operands, no copy
     xr, xi = x_spec[0], x_spec[1]
     out = x_spec.new_empty(2, gr.shape[0], gr.shape[1], xr.shape[2])
-    torch.bmm(gr, xr, out=out[0]).baddbmm_(gi, xi)  # Re: Grᵀ Xr + Giᵀ Xi
-    torch.bmm(gr, xi, out=out[1]).baddbmm_(gi, xr, alpha=-1)  # Im: Grᵀ Xi − Giᵀ Xr
+    _gemm_acc(gr, xr, gi, xi, 1, out[0])  # Re: Grᵀ Xr + Giᵀ Xi
+    _gemm_acc(gr, xi, gi, xr, -1, out[1])  # Im: Grᵀ Xi − Giᵀ Xr
     return out
 
 

@@ -294,8 +294,22 @@ def _correlate(tokens: int, q_g: int, q_x: int, freqs: int) -> int:
     return 8 * tokens * q_g * q_x * freqs
 
 
+def _dft_product_flops(tokens: int, q_in: int, q_out: int, p: int) -> tuple[float, float]:
+    """``transform="dft"`` (``_dft``): every step a real GEMM. A transform of n blocks ``2·2F·p·n`` (F = p//2 + 1),
+    a complex mixing or token reduction ``8·F·(its three sizes)`` (4 real products); the kernel's spectrum is
+    taken in forward and again in backward; x's spectrum is kept from the forward for p >= 3."""
+    two_f = 2 * (p // 2 + 1)
+    pairs = q_out * q_in
+    fwd = 2 * two_f * p * (tokens * q_in + pairs + tokens * q_out) + 4 * two_f * tokens * q_in * q_out
+    bwd = (2 * two_f * p * (tokens * q_out + pairs + tokens * q_in + pairs) + 8 * two_f * tokens * q_in * q_out
+           + (2 * two_f * p * tokens * q_in if p <= 2 else 0))
+    return fwd, bwd
+
+
 def _product_flops(tokens: int, q_in: int, q_out: int, p: int, transform: str) -> tuple[float, float]:
     """(forward, backward) FLOPs of one ``block_circulant_product`` with both input and kernel gradients."""
+    if transform == "dft":
+        return _dft_product_flops(tokens, q_in, q_out, p)
     freqs = p // 2 + 1 if transform == "rfft" else p
     fwd_t = fft_flops(p, real=True)
     inv_t = fft_flops(p, real=transform == "rfft")

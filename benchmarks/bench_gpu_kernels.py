@@ -263,6 +263,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _signed(text: str) -> str:
+    return text if text.startswith("-") else "+" + text
+
+
 def headline(rows: list[dict]) -> list[str]:
     """One line per (tokens, d): at p = 64 (else the smallest p measured), each path's added ms and ratios."""
     out = []
@@ -275,9 +279,9 @@ def headline(rows: list[dict]) -> list[str]:
         if not ps or base is None:
             continue
         p = 64 if 64 in ps else ps[0]
-        cells = [f"{r['path']} +{r['added_ms']} ms (x{r['x_base']} base, x{r['x_lora16'] or '?'} LoRA16)"
+        cells = [f"{r['path']} {_signed(r['added_ms'])} ms (x{r['x_base']} base, x{r['x_lora16'] or '?'} LoRA16)"
                  for r in rs if str(r["p"]) == str(p) and r["step_ms"]]
-        lora = [f"{r['path']} +{r['added_ms']} ms" for r in rs if r["path"].startswith("lora") and r["step_ms"]]
+        lora = [f"{r['path']} {_signed(r['added_ms'])} ms" for r in rs if r["path"].startswith("lora") and r["step_ms"]]
         out.append(f"T={tokens} d={d}: base step {base['step_ms']} ms; p={p}: " + "; ".join(cells)
                    + ("; " + "; ".join(lora) if lora else ""))
     return out

@@ -1,8 +1,8 @@
 """What each C3A path and baseline costs in one layer's training step, on the device at hand (stage 3 of gpu_check).
 
 For every (tokens T, d) and block size p, every path wraps the same frozen ``nn.Linear(d, d)`` in the training
-dtype (bf16 by default): the base layer alone (cuBLAS), circtune's C3A with backend torch (transform rfft and
-fft), dense and triton (p <= 256, the backend's declared range), PEFT's own ``C3ALinear`` (float32 kernel, as
+dtype (bf16 by default): the base layer alone (cuBLAS), circtune's C3A with backend torch (transform rfft, fft
+and dft), dense and triton (p <= 256, the backend's declared range), PEFT's own ``C3ALinear`` (float32 kernel, as
 ``get_peft_model`` leaves it) and LoRA r = 8 and 16 (float32 factors, as PEFT's). The adapter weights are random
 (never zeros: the C3A kernels are set so that ΔW x is as large as W0 x, LoRA's B is not left at zero), and every
 C3A path's output, input gradient and kernel gradient are checked against a float64 dense reference before it is
@@ -51,8 +51,8 @@ from circtune.space import DTYPES, Candidate
 HERE = Path(__file__).resolve().parent
 PREDICTIONS = HERE / "bench_gpu_kernels_predictions.csv"
 FIXED_PATHS = ("base", "lora-r8", "lora-r16")
-BLOCK_PATHS = ("triton", "torch-rfft", "torch-fft", "dense", "peft-c3a")
-C3A_PATHS = ("triton", "torch-rfft", "torch-fft", "dense")
+BLOCK_PATHS = ("triton", "torch-rfft", "torch-fft", "torch-dft", "dense", "peft-c3a")
+C3A_PATHS = ("triton", "torch-rfft", "torch-fft", "torch-dft", "dense")
 FIELDS = ("timestamp", "device", "torch", "triton", "dtype", "tokens", "d", "p", "path", "status", "params",
           "fwd_ms", "fwd_p25", "fwd_p75", "bwd_ms", "bwd_p25", "bwd_p75", "step_ms", "step_p25", "step_p75", "reps",
           "base_step_ms", "added_ms", "x_base", "x_lora8", "x_lora16", "pred_step_ms", "meas_over_pred", "max_rel_err")

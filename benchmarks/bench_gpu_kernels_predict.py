@@ -14,8 +14,10 @@ path launches:
 * bytes per kernel, with N = T·d activations (bf16, 2 bytes) and S the complex64 spectrum of T·q·F values
   (F = p/2 + 1 for rfft, p for fft): torch route forward = cast 6N, transform 4N + S, mixing (frequency-batched GEMM
   with two contiguous copies, 6S; or for q² <= 16 a loop of q broadcast products, 3S each), inverse S + 4N (fft:
-  3S + 4N), cast 6N, add 6N; backward = the same on g for the input gradient plus a transform of x and the
-  correlation over tokens for the kernel gradient, and the accumulation of x.grad (6N). Dense: ΔW built in
+  3S + 4N), cast 6N, add 6N (dft: the transforms and the mixing as bf16 GEMMs at 0.3 x 790 TFLOP/s, 2·T·d·(p+2)
+  and 4·T·d·q FLOPs, each reading and writing 2N, no casts or copies); backward = the same on g for the input
+  gradient plus a transform of x and the correlation over tokens for the kernel gradient, and the accumulation of
+  x.grad (6N). Dense: ΔW built in
   about 32 d² bytes and folded into the base GEMM; backward adds ``gᵀx`` (one GEMM) and the diagonal sums. Triton
   (the docstrings' prediction): forward and input gradient cost the base GEMMs plus 1 µs of tile generation each;
   the kernel gradient one GEMM, inflated by 16/q when q = d/p < 16 (the row tile's padding). PEFT's C3A: float32
@@ -31,6 +33,7 @@ from pathlib import Path
 
 GEMM = 0.75 * 790e12
 CGEMM = 50e12
+DFT_GEMM = 0.3 * 790e12  # batched bf16 GEMMs with a short inner dimension (p or q): far from the peak
 BW = 0.8 * 4.3e12
 MIN_KERNEL_S = 3e-6
 HOST_OP_S = 6e-6
@@ -70,6 +73,18 @@ def torch_route(t: int, d: int, p: int, transform: str) -> tuple[float, float]:
     bwd = [gemm(t, d, d), k(nbytes=6 * n), k(nbytes=4 * n + s), *[MIN_KERNEL_S] * 2, *mix, inverse, k(nbytes=6 * n),
            k(nbytes=6 * n), k(nbytes=4 * n + s), *corr, MIN_KERNEL_S, k(nbytes=6 * n)]
     return phase(fwd, 9 + mix_ops), phase(bwd, 14 + mix_ops + len(corr))
+
+
+def dft(t: int, d: int, p: int) -> tuple[float, float]:
+    """The dft route (circtune/adapters/_dft.py): transforms and mixing as bf16 GEMMs, no permute copies."""
+    n, q = t * d, d // p
+    transform = 2 * t * d * (p + 2)  # [2F, p] against [p, T·q]
+    mix = 4 * t * d * q  # 4 real products per frequency of [T, q] x [q, q]
+    fwd = [gemm(t, d, d), k(transform, DFT_GEMM, 4 * n), *[MIN_KERNEL_S] * 2, k(mix, DFT_GEMM, 4 * n),
+           k(transform, DFT_GEMM, 4 * n), k(nbytes=6 * n)]
+    bwd = [gemm(t, d, d), k(transform, DFT_GEMM, 4 * n), k(mix, DFT_GEMM, 4 * n), k(transform, DFT_GEMM, 4 * n),
+           k(mix, DFT_GEMM, 8 * n), MIN_KERNEL_S, k(nbytes=6 * n)]
+    return phase(fwd, 8), phase(bwd, 12)
 
 
 def dense(t: int, d: int, p: int) -> tuple[float, float]:
@@ -116,10 +131,10 @@ def predict(path: str, t: int, d: int, p: int | None) -> tuple[float, float, flo
         return fwd * 1e3, bwd * 1e3, (fwd + bwd) * 1e3
     if path.startswith("lora-r"):
         fwd, bwd = lora(t, d, int(path[6:]))
-    elif path.startswith("torch-"):
+    elif path in ("torch-rfft", "torch-fft"):
         fwd, bwd = torch_route(t, d, p, path[6:])
     else:
-        fwd, bwd = {"dense": dense, "triton": triton, "peft-c3a": peft}[path](t, d, p)
+        fwd, bwd = {"dense": dense, "triton": triton, "peft-c3a": peft, "torch-dft": dft}[path](t, d, p)
     return fwd * 1e3, bwd * 1e3, (fwd + bwd + ADAMW_S) * 1e3
 
 
@@ -130,7 +145,7 @@ def rows(tokens=(4096, 16384), dims=(1024, 4096), block_sizes=(32, 64, 128, 256,
             base = predict("base", t, d, None)[2]
             cells = [(path, None) for path in ("base", "lora-r8", "lora-r16")]
             cells += [(path, p) for p in block_sizes if d % p == 0
-                      for path in ("triton", "torch-rfft", "torch-fft", "dense", "peft-c3a")
+                      for path in ("triton", "torch-rfft", "torch-fft", "torch-dft", "dense", "peft-c3a")
                       if not (path == "triton" and p > 256)]
             for path, p in cells:
                 fwd, bwd, step = predict(path, t, d, p)

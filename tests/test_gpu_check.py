@@ -259,7 +259,7 @@ def test_cpu_rehearsal_runs_every_stage_and_packs_one_archive(tmp_path):
     assert json.loads((reports / "tiny-roberta-cpu" / "adapter_config.json").read_text())["measured_step_ms"] > 0
     assert (reports / "compare-tiny-roberta-cpu-self.html").stat().st_size > 1000
     bench = (check / "bench" / "bench.csv").read_text()
-    for path in ("base", "lora-r8", "lora-r16", "torch-rfft", "torch-fft", "dense", "peft-c3a"):
+    for path in ("base", "lora-r8", "lora-r16", "torch-rfft", "torch-fft", "torch-dft", "dense", "peft-c3a"):
         assert f",{path},ok," in bench, path
     assert ",triton,not run: Triton kernels need a CUDA device" in bench
     if wheels == "downloaded":

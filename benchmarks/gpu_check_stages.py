@@ -14,7 +14,7 @@ stage     limit  options that make it fit
 ========  =====  ==========================================================================================
 facts       20   nvidia-smi -q, versions, ``circtune devices --json``
 pytest      70   ``-m gpu``, every GPU-marked test
-bench      135   the full grid (2 token counts x 2 widths x p 32..1024, 8 paths), 30+ repetitions and 0.2 s per
+bench      135   the full grid (2 token counts x 2 widths x p 32..1024, 9 paths), 30+ repetitions and 0.2 s per
                  cell; it stops itself 20 s before the limit and records the cells left as ``not run``
 encoder    140   ``circtune search --model roberta-large --budget 100k`` with the search defaults (200 trials,
                  top 3) and shorter timing per configuration: ``--warmup 5 --min-reps 20 --min-time 0.1``

@@ -195,7 +195,8 @@ def _message(e: BaseException) -> str:
 
 def failure_status(e: BaseException) -> str:
     """The status of a configuration whose measurement raised ``e``: ``out of memory: ...`` (GPU or CPU),
-    ``non-finite: ...``, or ``error: <exception type>: ...`` (a backend that fails to compile or launch, ...)."""
+    ``non-finite: ...``, ``wrong result: ...`` (a backend that disagrees with the torch backend), or
+    ``error: <exception type>: ...`` (a backend that fails to compile or launch, a sticky CUDA error, ...)."""
     if isinstance(e, NonFiniteError):
         return f"non-finite: {_message(e)}"
     if isinstance(e, WrongResultError):

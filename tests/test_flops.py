@@ -225,3 +225,19 @@ def test_triton_kernels_are_counted_by_every_counter(method, factors, shape, d_i
     assert counter.get_total_flops() == expected.fwd_bwd
     none = analytic_flops("none", d_in, d_out, tokens)
     assert expected.fwd_bwd > none.fwd_bwd and expected.fwd >= none.fwd  # never negative "added" FLOPs
+
+
+def test_triton_custom_ops_pass_torch_opcheck():
+    """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the three ops, as torch's own
+    checker sees them (fp64 on the interpreter; compiled on a GPU)."""
+    pytest.importorskip("triton")
+    from circtune.kernels import block_circulant_linear  # noqa: F401  (defines the ops)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kw = {"dtype": torch.float64, "device": device}
+    x, w = torch.randn(7, 12, **kw, requires_grad=True), torch.randn(2, 3, 4, **kw, requires_grad=True)
+    weight, bias, g = torch.randn(8, 12, **kw), torch.randn(8, **kw), torch.randn(7, 8, **kw)
+    ops = torch.ops.circtune
+    torch.library.opcheck(ops.block_circulant_linear.default, (x, w, 0.5, weight, bias, [], [], []))
+    torch.library.opcheck(ops.block_circulant_input_grad.default, (g, w.detach(), 0.5, weight, []))
+    torch.library.opcheck(ops.block_circulant_kernel_grad.default, (g, x.detach(), 4, 0.5, [16, 32, 32, 4, 1, 2]))

@@ -52,10 +52,10 @@ import torch
 # stacked faster at p = 32, 64, 128 (see the report of issue 15); kept as a switch for other devices.
 MIX_FORM = "stacked"
 
-# Keep the input's spectrum for the backward when it costs at most this many times x's bytes (the forward
-# saves it *instead of* x, so this is the extra memory over saving x). In the dft route the spectrum has x's dtype
-# and (p+2)/p of its size: kept for every p >= 3; p = 1, 2 recompute it from x.
-KEEP_SPECTRUM_FACTOR = 1.5
+# Keep the input's spectrum for the backward when it costs at most this many times x's bytes (the forward then
+# saves it *instead of* x). Shared with the torch.fft routes. Here the spectrum has x's dtype and (p+2)/p of its size
+# (2x at p = 1, 2): always kept, so the backward transforms g only. Set to 0 to always recompute.
+KEEP_SPECTRUM_FACTOR = 2.0
 
 _BASIS_CACHE = 64
 

@@ -73,6 +73,23 @@ def test_a_broken_context_stops_the_run_with_one_line_and_isolate_carries_on(tmp
     assert result.measured == len(result.measurements) - len(rows)
 
 
+def test_cli_stops_with_one_line_and_exit_status_1(tmp_path, fresh_context, monkeypatch, capsys):
+    import functools
+
+    from circtune.cli.main import main
+
+    monkeypatch.setattr(profiler, "run_profile", functools.partial(profiler.run_profile, build=sticky_build))
+    (tmp_path / "space.toml").write_text('methods = ["c3a"]\nblock_sizes = [16]\nbackends = ["dense"]\n'
+                                         'transforms = ["rfft"]\n')
+    code = main(["profile", "--model", "tiny_models:two_shapes", "--targets", "square", "--space",
+                 str(tmp_path / "space.toml"), "--device", "cpu", "--tokens", "4", "--warmup", "0", "--min-reps",
+                 "1", "--max-reps", "1", "--min-time", "0", "--no-peft", "--quiet", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("circtune profile: error: the CUDA context of this process broke while measuring "
+                              "c3a p=16 dense (64x64, fp32)") and "re-run the same command with --isolate" in err[-1]
+
+
 def test_isolate_records_the_broken_context_and_a_fresh_child_carries_on(tmp_path, fresh_context):
     _, _, _, run = _profile(tmp_path)
     result = run(build=sticky_build, isolate=True)

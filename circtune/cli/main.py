@@ -52,6 +52,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, parsers
 
 
+def _context_broken() -> type[Exception]:
+    # Looked up only once an exception is on its way (the profiler imports torch, which --help must not).
+    from ..measure.profiler import ContextBroken
+
+    return ContextBroken
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .._signals import disarm, install, kept_summary, reset_kept
 
@@ -79,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"circtune {args.command}: interrupted; kept in the store: {kept_summary()}; re-running the same "
               "command continues from there", file=sys.stderr)
         return 130
+    except _context_broken() as e:  # a sticky CUDA error: the failing row is stored; the line says what to do
+        print(f"circtune {args.command}: error: {e}", file=sys.stderr)
+        return 1
     finally:
         disarm()
         if getattr(args, "threads_before", None):  # --threads: torch's setting is the process's, not the command's

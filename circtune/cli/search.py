@@ -145,11 +145,13 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..measure.device import default_device
     from ..space import resolve_dtype
 
-    cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()
+    device = torch.device(args.device) if args.device else default_device()  # auto: bf16 if *this* device has it
+    cuda = device.type == "cuda"
     batch, seq_len = _batch_shape(args, cuda)
-    dtype = resolve_dtype(args.dtype or "auto", torch.device("cuda" if cuda else "cpu"))
+    dtype = resolve_dtype(args.dtype or "auto", device)
     args.dtype = dtype
     from ..pipeline import check_named_study, run_search
     from .profile import profile

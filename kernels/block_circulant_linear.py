@@ -23,6 +23,7 @@ for them: the adapters freeze them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,11 +36,12 @@ _NO_CONFIG: list[int] = []
 
 
 def _encode(config: TileConfig | None, op: str) -> list[int]:
-    """A TileConfig as the int list a custom op takes (checked first: the list cannot carry a wrong type)."""
+    """A TileConfig as the int list a custom op takes, field by field (None as -1: every field is >= 1 or None).
+    Checked first: the list cannot carry a wrong type."""
     if config is None:
         return _NO_CONFIG
-    c = config.check(op)
-    return [c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, 0 if c.split is None else c.split]
+    config.check(op)
+    return [-1 if v is None else int(v) for v in dataclasses.astuple(config)]
 
 
 def _decode(values: list[int]) -> TileConfig | None:
@@ -47,8 +49,7 @@ def _decode(values: list[int]) -> TileConfig | None:
         return None
     from ._tuning import TileConfig
 
-    block_m, block_n, block_k, warps, stages, split = values
-    return TileConfig(block_m, block_n, block_k, num_warps=warps, num_stages=stages, split=split or None)
+    return TileConfig(*(None if v == -1 else v for v in values))
 
 
 # --------------------------------------------------------------------------------------------------- the ops

@@ -34,10 +34,18 @@ output and the input gradient, and the kernel-gradient spectrum before its (fp32
 relative to the largest values of its tensor, so the error is ≈ a few units of the last place of ‖y‖, not of
 each element. The kernel's spectrum is computed in fp32 (or fp64) from the fp32 parameter and rounded once.
 
-Passes over activation-sized buffers per training step (C3A, one product; "pass" = one kernel reading or
-writing an [N, d]-sized tensor or its spectrum; the kernel's own small tensors not counted), fp32:
-forward 3 (transform x, mix, inverse), backward 5 (transform g, mix, inverse; kernel gradient: 2 GEMMs reading
-both spectra, x's spectrum kept from the forward). bf16 the same (no dtype round trip: the GEMMs take bf16).
+Passes over activation-sized buffers per training step (one product; a kernel reading or writing an [N, d]-sized
+tensor or its spectrum; the kernel's own small tensors not counted), counted in full-buffer equivalents (a GEMM
+over one plane of a spectrum is half of one): forward 4 (transform x, mixing 4 half-plane GEMMs = 2, inverse);
+backward 6 (transform g, mixing 2, inverse; kernel gradient 4 half-plane GEMMs reading both spectra = 2, x's
+spectrum kept from the forward, so x is not transformed again). No permute copy and no dtype cast in bf16 (the
+GEMMs take it); fp16 adds 2 casts to fp32 before the kernel-gradient GEMMs. The torch.fft routes' counts are in
+:mod:`._circulant` (5 + 7 after this change, 5 + 9 before, for fp32).
+
+Measured against the rfft route (2-core EPYC shared with other jobs, load ≈ 6–10, 1 thread, T=512, d=1024,
+product fwd+bwd, stacked vs Gauss mixing): p = 32: 18.6 / 22.7 ms (rfft 30.0 before its leaner path), p = 64:
+17.7 / 22.7 (rfft 16.1), p = 128: 34.2 / 37.8 (rfft 27.4). The DFT costs 2·(p+2) FLOPs per element and transform
+against the FFT's ≈ 2.5·log2 p: on this CPU it wins at p ≤ 32 only; its case is a GPU in bf16/fp16.
 """
 
 from __future__ import annotations
@@ -48,8 +56,7 @@ import math
 import torch
 
 # "stacked": 4 real GEMM products in 3 calls, accumulating in place; "gauss": 3 products + 3 elementwise passes.
-# Measured (2-core EPYC, load ≈ 8, fp32, T=512, d=1024, fwd mixing + bwd mixing, median of 20):
-# stacked faster at p = 32, 64, 128 (see the report of issue 15); kept as a switch for other devices.
+# Measured (module docstring): stacked faster at p = 32, 64, 128 on the CPU; kept as a switch for other devices.
 MIX_FORM = "stacked"
 
 # Keep the input's spectrum for the backward when it costs at most this many times x's bytes (the forward then

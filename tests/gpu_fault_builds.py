@@ -20,3 +20,17 @@ def sticky_build(candidate, base):
         profiler.release_memory = _raise_again
         raise RuntimeError(ILLEGAL_ADDRESS)
     return build_module(candidate, base)
+
+
+def device_assert_build(candidate, base):
+    """On c3a p=16 dense: a real sticky CUDA error, an out-of-bounds gather (a device-side assert) on the layer's
+    device. Only for --isolate children on a GPU: it breaks the CUDA context of the process it runs in."""
+    import torch
+
+    from circtune.measure.baselines import build_module
+
+    if candidate.method == "c3a" and candidate.block_size == 16 and candidate.backend == "dense":
+        device = base.weight.device
+        torch.zeros(3, device=device)[torch.tensor([5], device=device)]
+        torch.cuda.synchronize(device)
+    return build_module(candidate, base)

@@ -107,7 +107,8 @@ def test_fp16_loss_scaled_gradients_stay_finite(device, transform):
     assert float(y.abs().max()) == 0 and float(x.grad.abs().max()) == 0
 
 
-def test_circulant_index_is_built_once_per_device():
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_circulant_index_is_built_once_per_device(device):
     """The dense route's gather index lives on the layer's device: the second forward and backward move nothing
     between devices (on a GPU that was two blocking host-to-device copies per step). The meta device stands in for
     a GPU (every tensor of the step is on it): an op taking a CPU tensor is such a copy."""
@@ -127,16 +128,16 @@ def test_circulant_index_is_built_once_per_device():
             return func(*args, **(kwargs or {}))
 
     def step():
-        w = torch.randn(3, 2, 8, device="meta", requires_grad=True)
-        x = torch.randn(5, 16, device="meta", requires_grad=True)
-        block_circulant_product_dense(x, w, scale=0.5).backward(torch.randn(5, 24, device="meta"))
+        w = torch.randn(3, 2, 8, device=device, requires_grad=True)
+        x = torch.randn(5, 16, device=device, requires_grad=True)
+        block_circulant_product_dense(x, w, scale=0.5).backward(torch.randn(5, 24, device=device))
 
     step()
     with FromCPU() as mode:
         step()
     assert mode.ops == []
-    index = circulant_index(8, "meta")
-    assert index.device.type == "meta" and circulant_index(8, torch.device("meta")) is index
+    index = circulant_index(8, device)
+    assert index.device.type == device and circulant_index(8, torch.device(device)) is index
     assert circulant_index(8, "cpu") is circulant_index(8)
     assert torch.equal(circulant_index(8), (torch.arange(8).view(1, 8) - torch.arange(8).view(8, 1)) % 8)
 

@@ -120,6 +120,27 @@ def test_a_kernel_failing_only_at_release_fails_its_row(tmp_path, fresh_context,
     assert rows[1].step is None
 
 
+@pytest.mark.gpu
+def test_isolate_survives_a_real_device_side_assert_on_the_gpu(tmp_path, fresh_context):
+    """A real sticky error on the GPU (an out-of-bounds gather: device-side assert) in the child measuring
+    c3a p=16 dense: recorded with its error, a fresh child measures the rest, the parent's context is untouched."""
+    from gpu_fault_builds import device_assert_build
+
+    model = resolve_model("tiny_models:two_shapes", ["square"])
+    space = parse_space({"methods": ["c3a"], "block_sizes": [16, 32], "transforms": ["rfft"],
+                         "backends": ["torch", "dense"]}, "test")
+    plans = plan_shapes(model, space, "cuda", peft=False)
+    settings = ProfileSettings(tokens=64, dtypes=("fp32",), device=torch.device("cuda"), timing=FAST, flops=False)
+    result = run_profile(plans, settings, MeasurementStore(tmp_path / "m.db"), describe_device("cuda"),
+                         progress=False, build=device_assert_build, isolate=True)
+    status = {m.key.candidate.label: m.status for m in result.measurements}
+    failed = status.pop("c3a p=16 dense")
+    assert failed.startswith("error: ") and "device-side assert" in failed, failed
+    assert status and set(status.values()) == {"ok"}, status
+    assert profiler.context_broken() is None
+    torch.zeros(1, device="cuda").add_(1).item()  # this process's context still works
+
+
 def test_sticky_errors_are_recognised():
     for text in (ILLEGAL_ADDRESS, "CUDA error: unspecified launch failure",
                  "Triton Error [CUDA]: an illegal instruction was encountered",
@@ -324,3 +345,14 @@ def test_correct_backends_pass_the_check_on_the_gpu_at_real_sizes(method, backen
              else CDVFTLinear(base, 64, factors=3, backend=backend)).cuda()
     check_against_reference(layer, torch.randn(4096, 1024, device="cuda", dtype=dtype),
                             torch.randn(4096, 512, device="cuda", dtype=dtype))
+
+
+@pytest.mark.gpu
+def test_auto_dtype_and_triton_follow_this_gpus_capability():
+    from circtune.kernels import triton_backend
+
+    from circtune.space import resolve_dtype
+
+    native = torch.cuda.get_device_capability() >= (8, 0)
+    assert resolve_dtype("auto", torch.device("cuda")) == ("bf16" if native else "fp32")
+    assert (triton_backend.dtype_reason(torch.device("cuda"), torch.bfloat16) is None) == native

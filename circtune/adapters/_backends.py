@@ -1,6 +1,7 @@
 """Backends: how a layer computes ``base(x) + ΔW x``. Chosen per layer by name from one registry.
 
-* ``torch``: the transform route through torch.fft (``transform`` picks rfft or fft), hand-written backward.
+* ``torch``: the transform route, hand-written backward: ``transform`` picks torch.fft's rfft or fft, or dft (real
+  GEMMs against cos/sin bases, circtune.adapters._dft).
 * ``dense``: materialise ΔW from the parameters and fold it into the frozen weight, so forward and input
   gradient are the one GEMM the base layer needs anyway; the kernel gradient is ``gᵀx`` summed along the
   circulant diagonals. The transform knob does not apply.
@@ -86,5 +87,5 @@ def _always(device: torch.device) -> None:
     return None
 
 
-register_backend(Backend("torch", _torch_forward, _always, True, "torch.fft transform route, custom backward"))
+register_backend(Backend("torch", _torch_forward, _always, True, "transform route (rfft, fft, dft), custom backward"))
 register_backend(Backend("dense", _dense_forward, _always, False, "materialised ΔW folded into the base GEMM"))

@@ -136,9 +136,26 @@ def markdown_table(results: list[BenchResult], block_sizes: list[int]) -> str:
     return "\n".join(lines)
 
 
+def csv_path_name(path: str) -> str:
+    """circtune's paths as the CSV has always named them (``circtune-rfft``, ``circtune-dense``)."""
+    return f"circtune-{path}" if path in PATHS else path
+
+
 def write_csv(path: Path, results: list[BenchResult], *, threads: int, dim: int, tokens: int, load: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not path.exists()
+    if not new_file:
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        if rows and tuple(rows[0]) != CSV_FIELDS:
+            if tuple(rows[0]) != CSV_FIELDS[:len(rows[0])]:
+                raise SystemExit(f"{path}: its columns are not this script's ({', '.join(CSV_FIELDS)}); "
+                                 "give another --csv")
+            # An older file with fewer columns: extend it in place, its rows left blank in the new columns.
+            with path.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(CSV_FIELDS)
+                writer.writerows(row + [""] * (len(CSV_FIELDS) - len(row)) for row in rows[1:])
     stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     with path.open("a", newline="") as f:
         writer = csv.writer(f)
@@ -146,7 +163,8 @@ def write_csv(path: Path, results: list[BenchResult], *, threads: int, dim: int,
             writer.writerow(CSV_FIELDS)
         for r in results:
             writer.writerow([stamp, cpu_model(), threads, torch.__version__, dim, dim, tokens,
-                             "" if r.config.p is None else r.config.p, r.config.path, f"{r.step_median_ms:.4f}",
+                             "" if r.config.p is None else r.config.p, csv_path_name(r.config.path),
+                             f"{r.step_median_ms:.4f}",
                              f"{r.step_p25_ms:.4f}", f"{r.step_p75_ms:.4f}", f"{r.added_ms:.4f}", r.run,
                              f"{r.base_median_ms:.4f}", r.reps, load])
 
@@ -250,7 +268,7 @@ def main() -> int:
     parser.add_argument("--block-sizes", type=int, nargs="+", default=list(DEFAULT_BLOCK_SIZES))
     parser.add_argument("--paths", nargs="+", default=[*PATHS, *BASELINES],
                         help="subset of the paths to measure (quick looks); the table needs all of them")
-    parser.add_argument("--runs", type=int, default=1, help="whole measurements, layers rebuilt each time")
+    parser.add_argument("--runs", type=int, default=2, help="whole measurements, layers rebuilt each time")
     parser.add_argument("--min-reps", type=int, default=20)
     parser.add_argument("--max-reps", type=int, default=100)
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per layer at least")

@@ -12,6 +12,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 # The public names are imported on first use (PEP 562): `circtune --help` and the CLI's argument checks then run
 # without importing torch, which alone takes over a second.
 _LAZY = {
+    ".api": ("ProfileResult", "SearchResult", "profile", "search"),
+    ".errors": ("OptionError", "UsageError"),
+    ".options": ("ProfileOptions", "SearchOptions"),
     ".adapters": ("C3ALinear", "CDVFTLinear", "CirculantLinear", "available_backends", "c3a_num_params",
                   "cdvft_num_params"),
     ".adapters.inject": ("adapter_state_dict", "apply_adapter", "config_from_model", "load_adapter", "merge_adapter",
@@ -38,7 +41,10 @@ if TYPE_CHECKING:
         merge_adapter,
         save_adapter,
     )
+    from .api import ProfileResult, SearchResult, profile, search
     from .config import FORMAT, AdapterConfig, AdapterConfigError, LayerConfig, load_config
+    from .errors import OptionError, UsageError
+    from .options import ProfileOptions, SearchOptions
     from .peft_interop import export_peft, import_peft, to_peft_config
 
 
@@ -63,6 +69,12 @@ __all__ = [
     "CDVFTLinear",
     "CirculantLinear",
     "LayerConfig",
+    "OptionError",
+    "ProfileOptions",
+    "ProfileResult",
+    "SearchOptions",
+    "SearchResult",
+    "UsageError",
     "__version__",
     "adapter_state_dict",
     "apply_adapter",
@@ -75,6 +87,8 @@ __all__ = [
     "load_adapter",
     "load_config",
     "merge_adapter",
+    "profile",
     "save_adapter",
+    "search",
     "to_peft_config",
 ]

@@ -1,8 +1,9 @@
 """Ctrl-C and SIGTERM stop a run between database writes, never inside one.
 
-The CLI routes both signals to :func:`interrupt` (:func:`install`), and on interruption prints one line with what
-the run kept, as the profiler and the study note it (:func:`note_kept`). The signal is only noted, and raised as
-KeyboardInterrupt when the write is done, in two places:
+A library call routes both signals to :func:`interrupt` for its duration (:func:`handling_interrupts`); the CLI,
+on interruption, prints one line with what the run kept, as the profiler and the study note it
+(:func:`note_kept`). The signal is only noted, and raised as KeyboardInterrupt when the write is done, in two
+places:
 
 * inside :func:`deferred_interrupts` (a claim, a stored measurement, a release), so a stopped run never leaves a
   half-written row or a claim that no one releases; raised when the block ends;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -54,6 +56,27 @@ def install() -> None:
     for name in ("SIGINT", "SIGTERM", "SIGALRM"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), interrupt)
+
+
+@contextmanager
+def handling_interrupts() -> Iterator[None]:
+    """:func:`install` for the duration of the block (in the main thread; elsewhere signals are not ours to
+    route), then the handlers as they were: a library call leaves the caller's process as it found it. SIGALRM
+    and the real-time interval timer are the retry's while the block runs. What the run kept is noted afresh."""
+    reset_kept()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGALRM") if hasattr(signal, n)]
+    # None: a handler not set from Python; the default action is the closest one Python can put back
+    saved = {s: signal.getsignal(s) for s in signals}
+    install()
+    try:
+        yield
+    finally:
+        disarm()
+        for s, handler in saved.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def _in_library_code(frame) -> bool:

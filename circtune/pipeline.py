@@ -8,7 +8,6 @@ dtype and command), ``peft/adapter_config.json`` when every picked layer is C3A,
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import socket
 from collections.abc import Sequence
@@ -17,12 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from ._io import write_csv_atomic
-from .config import AdapterConfig
-from .measure.store import MeasurementStore, masked_url, this_worker
-from .measure.timing import TimingSettings
-from .models import ModelInfo, build_model
-from .outputs import record, same_identity, written_by
-from .search import (
+from ._search import (
     Assignment,
     Problem,
     build_problem,
@@ -37,15 +31,26 @@ from .search import (
     trials_frame,
     uniform_c3a,
 )
+from .config import AdapterConfig
+from .measure.store import MeasurementStore, masked_url, this_worker
+from .measure.timing import TimingSettings
+from .models import ModelInfo, build_model
+from .options import WHOLE_MODEL, SearchOptions
+from .outputs import record, same_identity, written_by
+from .report.render import write_report
 from .space import DTYPES, Candidate
 from .validate import Plan, Validation, baseline_plan, candidate_plan, validate
 
 VALIDATION_COLUMNS = ("label", "kind", "total_params", "predicted_overhead_ms", "predicted_step_ms",
                       "measured_step_ms", "measured_step_ms_p25", "measured_step_ms_p75", "predicted_mem_mb",
                       "measured_mem_mb", "picked", "status")
-# Whole-model timing: a CPU step of roberta-large at 128 tokens is about 2 s.
-WHOLE_MODEL_CPU = TimingSettings(warmup=1, min_reps=5, max_reps=20, min_time_s=4.0)
-WHOLE_MODEL_GPU = TimingSettings(warmup=5, min_reps=20, max_reps=200, min_time_s=2.0)
+
+
+def whole_model_timing(device_type: str, min_time: float | None = None) -> TimingSettings:
+    """The validation's timing on this kind of device (``options.WHOLE_MODEL``), ``min_time`` replacing its floor."""
+    d = WHOLE_MODEL["cuda" if device_type == "cuda" else "cpu"]
+    return TimingSettings(warmup=d["warmup"], min_reps=d["min_reps"], max_reps=d["max_reps"],
+                          min_time_s=d["min_time"] if min_time is None else min_time)
 
 
 def adapter_config(model: ModelInfo, problem: Problem, a: Assignment, **metadata) -> AdapterConfig:
@@ -134,46 +139,46 @@ def validation_frame(results: Sequence[Validation], base: Validation | None, pic
     return pd.DataFrame(rows, columns=list(VALIDATION_COLUMNS))
 
 
-def run_search(args: argparse.Namespace, *, budget: int, model: ModelInfo, info, settings, out: Path, storage: str,
+def run_search(opts: SearchOptions, *, model: ModelInfo, info, settings, out: Path, storage: str,
                frame: pd.DataFrame, batch: int, seq_len: int, dtype: str, command: str | None,
-               identity: dict | None = None, methods: list[str] | None = None,
-               backends: list[str] | None = None) -> dict:
+               identity: dict | None = None) -> dict:
     """Everything after profiling; returns the summary that the CLI prints, with the files ``written`` (or, when
     another worker writes or wrote this study's outputs, ``{"skipped": why}``). ``identity`` is what the output
     folder's manifest records for every file (the options that decide their content)."""
     identity = dict(identity or {})
     here = frame[(frame.tokens == settings.tokens) & (frame.dtype == dtype)]
-    problem = build_problem(model.targets, here, budget, args.min_fill, methods=methods, backends=backends)
+    problem = build_problem(model.targets, here, opts.budget, opts.min_fill, methods=opts.methods,
+                            backends=opts.backends)
     optimum = exact_optimum(problem)
     seeds = [optimum, *neighbours(problem, optimum), *uniform_c3a(problem)]
-    name = args.study_name or f"circtune-{model.name}-{info.fingerprint}-t{settings.tokens}-{dtype}-{problem.key()}"
+    name = opts.study_name or f"circtune-{model.name}-{info.fingerprint}-t{settings.tokens}-{dtype}-{problem.key()}"
     worker = this_worker()
     chosen = {**study_identity(identity), "problem": problem.key()}
     # A derived name holds the problem's digest: runs that reach it choose from the same options, whichever options
     # they were given (--backends torch on a torch-only space). A name the user chose must also match them.
-    study = run_study(problem, storage=storage, study_name=name, n_trials=args.trials, seeds=seeds,
-                      sampler=args.sampler, seed=args.seed, progress=not args.quiet, worker=worker,
-                      identity=chosen, identity_ignore=() if args.study_name else [k for k in chosen if k != "problem"])
+    study = run_study(problem, storage=storage, study_name=name, n_trials=opts.trials, seeds=seeds,
+                      sampler=opts.sampler, seed=opts.seed, progress=opts.progress, worker=worker,
+                      identity=chosen, identity_ignore=() if opts.study_name else [k for k in chosen if k != "problem"])
     store = MeasurementStore(storage)
     lock = f"study-outputs:{name}"
     try:
-        if not store.claim(lock, worker, args.claim_timeout):
+        if not store.claim(lock, worker, opts.claim_timeout):
             return {"skipped": f"study {name} is complete; another worker is writing its outputs "
                                f"({_own_trials(study, worker)})"}
         try:
-            written = _outputs_written(study, args, out, name, identity)
+            written = _outputs_written(study, opts, out, name, identity)
             if written:
                 return {"skipped": f"study {name} is complete and its outputs for these options were written by "
                                    f"{written['worker']} to {written['folder']} ({_own_trials(study, worker)}); "
                                    "pass a larger --trials to search further"}
-            summary = _write_outputs(args, budget=budget, model=model, info=info, settings=settings, out=out,
+            summary = _write_outputs(opts, model=model, info=info, settings=settings, out=out,
                                      storage=storage, problem=problem, here=here, optimum=optimum, study=study,
                                      name=name, batch=batch, seq_len=seq_len, dtype=dtype, command=command)
             trials = len(complete_trials(study))
             record(out, summary["written"], subcommand="search", command=command, identity=identity, study=name,
                    trials=trials, worker=worker)
             study.set_user_attr("outputs", {"folder": str(out.resolve()), "host": socket.gethostname(),
-                                            "worker": worker, "trials": trials, **_output_options(args)})
+                                            "worker": worker, "trials": trials, **_output_options(opts)})
             return summary
         finally:
             store.release(lock, worker)
@@ -204,58 +209,58 @@ def _own_trials(study, worker: str) -> str:
     return f"{len(trials)} trials, {mine} of them from this worker"
 
 
-def _output_options(args: argparse.Namespace) -> dict:
-    return {"objective": args.objective, "top": args.top, "validate": not args.no_validate}
+def _output_options(opts: SearchOptions) -> dict:
+    return {"objective": opts.objective, "top": opts.top, "validate": opts.validate}
 
 
-def _outputs_written(study, args: argparse.Namespace, out: Path, name: str, identity: dict) -> dict | None:
-    """Where this study's outputs for these options and at least ``args.trials`` trials already are, if anywhere:
+def _outputs_written(study, opts: SearchOptions, out: Path, name: str, identity: dict) -> dict | None:
+    """Where this study's outputs for these options and at least ``opts.trials`` trials already are, if anywhere:
     this folder, when its manifest says this study wrote its adapter_config.json with these options (and the file
     is there); or the folder another worker of the study wrote them to (the outputs are written once per study;
     the others say where). A folder whose files say otherwise (another run wrote over them) is written again."""
     mine = written_by(out, "adapter_config.json")
     if (mine and mine.get("study") == name and same_identity(mine.get("options"), identity)
-            and mine.get("trials", 0) >= args.trials and (out / "adapter_config.json").is_file()):
+            and mine.get("trials", 0) >= opts.trials and (out / "adapter_config.json").is_file()):
         return {"worker": mine.get("worker"), "folder": str(out)}
     record_ = study.user_attrs.get("outputs")
-    if (record_ and record_.get("trials", 0) >= args.trials
-            and all(record_.get(k) == v for k, v in _output_options(args).items())
+    if (record_ and record_.get("trials", 0) >= opts.trials
+            and all(record_.get(k) == v for k, v in _output_options(opts).items())
             and not (record_.get("host") == socket.gethostname() and Path(record_["folder"]) == out.resolve())):
         return record_
     return None
 
 
-def _write_outputs(args: argparse.Namespace, *, budget: int, model: ModelInfo, info, settings, out: Path,
+def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out: Path,
                    storage: str, problem: Problem, here: pd.DataFrame, optimum: Assignment, study, name: str,
                    batch: int, seq_len: int, dtype: str, command: str | None) -> dict:
-    from .search import pick_order
+    from ._search import pick_order
 
     trials = trials_frame(problem, study)
     write_csv_atomic(trials, out / "trials.csv")
-    top = ranked_assignments(problem, study, args.objective, args.top)
+    top = ranked_assignments(problem, study, opts.objective, opts.top)
     if not top:  # cannot happen with the optimum enqueued, unless the study was made from other measurements
-        top = pick_order([optimum], args.objective)
+        top = pick_order([optimum], opts.objective)
 
     results: list[Validation] = []
     base = None
-    if not args.no_validate:
+    if opts.validate:
         device = settings.device
         net = build_model(model.spec, device=device, dtype=DTYPES[dtype])
         plans = [candidate_plan(_label(i), adapter_config(model, problem, a), a.params, a.step_ms, a.mem_mb)
                  for i, a in enumerate(top)]
-        plans += baseline_plans(model, problem, here, budget)
-        timing = WHOLE_MODEL_GPU if device.type == "cuda" else WHOLE_MODEL_CPU
+        plans += baseline_plans(model, problem, here, opts.budget)
+        timing = whole_model_timing(device.type, opts.validate_min_time)
         results = validate(net, [t.name for t in model.targets], plans, batch=batch, seq_len=seq_len,
-                           dtype=DTYPES[dtype], timing=timing, progress=not args.quiet)
+                           dtype=DTYPES[dtype], timing=timing, progress=opts.progress)
         del net
         base = next((v for v in results if v.label == "no adapter" and v.step is not None), None)
     base_ms = base.step.median if base else None
     measured = {v.label: v for v in results if v.kind == "candidate"}
-    index = choose(top, measured, args.objective) if results else 0
+    index = choose(top, measured, opts.objective) if results else 0
     pick, picked = top[index], measured.get(_label(index))
     write_csv_atomic(validation_frame(results, base, _label(index)), out / "validation.csv")
     meta = {
-        "model_spec": model.spec, "budget": budget, "min_fill": args.min_fill, "objective": args.objective,
+        "model_spec": model.spec, "budget": opts.budget, "min_fill": opts.min_fill, "objective": opts.objective,
         "total_params": pick.params, "predicted_overhead_ms": pick.step_ms,
         "optimum_overhead_ms": optimum.step_ms, "base_step_ms": base_ms,
         "predicted_step_ms": None if base_ms is None else base_ms + pick.step_ms,
@@ -265,7 +270,7 @@ def _write_outputs(args: argparse.Namespace, *, budget: int, model: ModelInfo, i
         "device": info.to_dict(), "tokens": settings.tokens, "batch_size": batch, "seq_len": seq_len,
         "dtype": dtype, "command": command,
         "study": {"name": name, "storage": masked_url(storage), "trials": len(complete_trials(study)),
-                  "sampler": args.sampler},
+                  "sampler": opts.sampler},
     }
     config = adapter_config(model, problem, pick, **meta)
     config.save(out / "adapter_config.json")
@@ -274,8 +279,8 @@ def _write_outputs(args: argparse.Namespace, *, budget: int, model: ModelInfo, i
         written.append("peft/adapter_config.json")
     elif (out / "peft").is_dir():  # a previous pick's PEFT config would contradict this one
         shutil.rmtree(out / "peft")
-    if _write_report(out, args.plotlyjs):
-        written.append("report.html")
+    write_report(out, plotlyjs=opts.plotlyjs)
+    written.append("report.html")
     keys = ("total_params", "budget", "predicted_overhead_ms", "optimum_overhead_ms", "base_step_ms",
             "predicted_step_ms", "measured_step_ms", "predicted_mem_mb", "measured_mem_mb")
     return {"printed": {k: meta[k] for k in keys}, "config": config, "written": written}
@@ -289,13 +294,4 @@ def _write_peft(config: AdapterConfig, folder: Path) -> bool:
     from .peft_interop import to_peft_config
 
     to_peft_config(config).save_pretrained(str(folder))
-    return True
-
-
-def _write_report(out: Path, plotlyjs: str) -> bool:
-    try:
-        from .report.render import write_report
-    except ImportError:  # the report package is optional at this stage
-        return False
-    write_report(out, plotlyjs=plotlyjs)
     return True

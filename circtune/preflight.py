@@ -14,6 +14,8 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
+from .errors import UsageError
+
 # The study evaluates a trial in milliseconds; a million would take hours and fill the store with rows.
 MAX_TRIALS = 100_000
 MAX_MIN_TIME_S = 3600.0
@@ -23,7 +25,7 @@ _DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
 _TENSORS_PER_STEP = 2
 
 
-class PreflightError(ValueError):
+class PreflightError(UsageError):
     """A value refused before anything is measured."""
 
 

@@ -127,7 +127,7 @@ def test_compare_html_escapes_and_is_self_contained(tmp_path):
 
 def test_cli_compare(folders, tmp_path, capsys):
     from circtune.cli import compare
-    from circtune.cli.main import UsageError
+    from circtune.errors import UsageError
 
     p = argparse.ArgumentParser()
     compare.add_arguments(p)

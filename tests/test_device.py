@@ -383,7 +383,7 @@ def test_cli_lists_gpus_then_cpu_as_json(fake_gpu, capsys):
 
 
 def test_cli_unavailable_device_is_a_usage_error():
-    from circtune.cli.main import UsageError
+    from circtune.errors import UsageError
 
     with pytest.raises(UsageError, match="'mps'"):
         _cli("--device", "mps")

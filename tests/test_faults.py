@@ -24,7 +24,6 @@ import tiny_models
 import torch
 from tiny_models import crashing_build, poisoning_build, tiny_roberta
 
-from circtune import pipeline
 from circtune.adapters import _backends
 from circtune.cli.main import main
 from circtune.config import AdapterConfig
@@ -283,7 +282,6 @@ def test_search_isolate_records_a_crashed_child_and_never_picks_it(tmp_path, mon
     it, and validation and the report run as usual. The budget window [810, 900] on four 64 x 64 layers needs p=16
     on three of them, so the pick must take p=16 from the torch backend."""
     monkeypatch.setattr(profiler, "run_profile", functools.partial(profiler.run_profile, build=crashing_build))
-    monkeypatch.setattr(pipeline, "WHOLE_MODEL_CPU", FAST)  # (4 s per validated model otherwise)
     folder = tiny_roberta(tmp_path / "tiny", hidden=64, layers=2)
     space = tmp_path / "space.toml"
     space.write_text('methods = ["c3a"]\nblock_sizes = [16, 32, 64]\ntransforms = ["rfft"]\n'
@@ -292,7 +290,7 @@ def test_search_isolate_records_a_crashed_child_and_never_picks_it(tmp_path, mon
     code = main(["search", "--model", str(folder), "--budget", "900", "--space", str(space), "--device", "cpu",
                  "--batch-size", "1", "--seq-len", "8", "--warmup", "0", "--min-reps", "2", "--max-reps", "2",
                  "--min-time", "0", "--trials", "12", "--top", "2", "--isolate", "--no-peft", "--quiet",
-                 "--out", str(out)])
+                 "--validate-min-time", "0", "--out", str(out)])  # (4 s per validated model otherwise)
     assert code == 0, capsys.readouterr().err
 
     frame, status = measured_statuses(out)

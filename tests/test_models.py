@@ -410,7 +410,7 @@ def test_cli_targets_comma_and_repeated(capsys):
 
 
 def test_cli_usage_errors():
-    from circtune.cli.main import UsageError
+    from circtune.errors import UsageError
 
     p = argparse.ArgumentParser()
     models_cli.add_arguments(p)

@@ -11,7 +11,7 @@ import circtune
 from circtune.cli.main import main
 from circtune.measure.store import MeasurementStore, this_worker
 from circtune.models import TargetLayer, build_model
-from circtune.search import (
+from circtune._search import (
     BudgetError,
     Option,
     Problem,
@@ -265,7 +265,7 @@ def test_two_workers_never_both_pop_one_enqueued_trial(tmp_path):
     import optuna
     from sqlalchemy import event
 
-    from circtune.search import study_storage
+    from circtune._search import study_storage
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     a, b = study_storage(url), study_storage(url)

@@ -67,7 +67,7 @@ def test_an_interrupt_inside_a_library_is_raised_once_circtune_runs_again(instal
 
 
 def test_in_circtune_code_an_interrupt_is_raised_at_once(installed):
-    work = library("circtune.search")
+    work = library("circtune._search")
     with pytest.raises(KeyboardInterrupt):
         work(signal.SIGINT)
         pytest.fail("the interrupt waited for code that is not a library's")

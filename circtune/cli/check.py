@@ -49,8 +49,8 @@ def config_path(given: str) -> Path:
 
 def model_spec(given: str | None, config) -> str:
     """``--model``, else the spec the config records; a module:callable only from the command line."""
+    from ..errors import UsageError
     from ..models import BUILTIN_MODELS, _lookup_builtin
-    from .main import UsageError
 
     if given:
         return given

@@ -25,10 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..errors import UsageError
     from ..outputs import MANIFEST, check_page_target, record
+    from ..profiling import command_line
     from ..report.compare import write_compare
-    from .main import UsageError
-    from .profile import command_line
 
     if len(args.dirs) < 2:
         raise UsageError(f"compare needs at least two folders, got {len(args.dirs)}: {args.dirs[0]}")

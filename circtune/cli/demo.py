@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     import circtune
-    from circtune.cli.main import UsageError
+    from circtune.errors import UsageError
 
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")

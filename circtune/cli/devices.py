@@ -31,7 +31,7 @@ def _block(title: str, rows: dict[str, object]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from circtune.cli.main import UsageError
+    from circtune.errors import UsageError
     from circtune.measure.device import describe_device
 
     if args.threads is not None and args.threads < 1:

@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Sequence
 
 from .. import __version__
+from ..errors import UsageError
 from . import check, compare, demo, devices, models, profile, report, search
 
 # Each subcommand module provides NAME, HELP, add_arguments(parser) and run(args) -> int, and imports torch (and
@@ -23,10 +24,6 @@ DESCRIPTION = ("circtune measures what circulant adapters (C3A, CDVFT) cost on t
                "writes an adapter_config.json that a training script loads with circtune.apply_adapter.")
 EPILOG = ("start with:  circtune search --model roberta-large --budget 100k   (writes runs/roberta-large-<device>/); "
           "'circtune COMMAND --help' for the options of one command")
-
-
-class UsageError(Exception):
-    """A mistake in what the user asked for: one line, exit status 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,12 +57,12 @@ def _context_broken() -> type[Exception]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .._signals import disarm, install, kept_summary, reset_kept
+    from .._signals import disarm, install, kept_summary
 
     if threading.current_thread() is threading.main_thread():
-        # SIGTERM stops like Ctrl-C; both wait for a database write in progress to finish.
+        # The command owns its process: SIGTERM stops like Ctrl-C; both wait for a database write in progress to
+        # finish (the library calls do this only while they run).
         install()
-    reset_kept()
     parser, parsers = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -91,8 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         disarm()
-        if getattr(args, "threads_before", None):  # --threads: torch's setting is the process's, not the command's
-            sys.modules["torch"].set_num_threads(args.threads_before)
 
 
 if __name__ == "__main__":

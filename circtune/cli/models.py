@@ -116,8 +116,8 @@ def _show(info: ModelInfo) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
     from ..models import resolve_model
-    from .main import UsageError
 
     targets = parse_targets(args.targets)
     if args.spec is None:

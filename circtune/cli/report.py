@@ -23,8 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..outputs import MANIFEST, check_page_target, record
+    from ..profiling import command_line
     from ..report.render import write_report
-    from .profile import command_line
 
     out = check_page_target(args.out if args.out is not None else Path(args.dir) / "report.html", "report",
                             force=args.force)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -28,43 +27,11 @@ import numpy as np
 import pandas as pd
 
 from .models import TargetLayer
+from .options import OBJECTIVES, BudgetError, format_count, parse_budget  # noqa: F401  (the search's names)
 from .space import Candidate
 
-OBJECTIVES = ("latency", "memory", "balanced")
-_SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
 # Above this many parameter-total cells the knapsack table would not fit comfortably in memory.
 _MAX_CELLS = 4_000_000
-
-
-class BudgetError(ValueError):
-    pass
-
-
-def parse_budget(text: str | int) -> int:
-    """``100k`` -> 100000, ``1.5M`` -> 1500000, ``250000`` -> 250000 (k, M, G/B suffixes, any case)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgb]?)\s*", str(text).lower())
-        if not match:
-            raise BudgetError(f"budget {text!r} is not a number of parameters; accepted: 100k, 1.5M, 250000")
-        value = float(match.group(1)) * _SUFFIX[match.group(2)]
-        if not math.isfinite(value) or value > 1e15:
-            raise BudgetError(f"budget {text!r} is too large; accepted: up to 1e15 parameters (100k, 1.5M, 2G)")
-        if value != int(value):
-            raise BudgetError(f"budget {text!r} is not a whole number of parameters")
-        value = int(value)
-    if value < 1:
-        raise BudgetError(f"budget must be at least 1 parameter, got {text!r}")
-    return value
-
-
-def format_count(n: float) -> str:
-    """1234567 -> '1.23M', 100000 -> '100k'."""
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{suffix}"
-    return str(int(n))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Train with a circtune adapter config: the one line a training script needs, on the CPU in about a minute.
 
-1. Build a small RoBERTa from a config (no download) and let ``circtune search`` pick an adapter per query/value
-   layer under a 2k-parameter budget on this machine (a quick profile: small token count, few repetitions).
+1. Build a small RoBERTa from a config (no download) and let ``circtune.search`` (what ``circtune search`` runs)
+   pick an adapter per query/value layer under a 2k-parameter budget on this machine (a quick profile: small
+   token count, few repetitions).
    Skip this with ``--config PATH`` to use an ``adapter_config.json`` you already have.
 2. ``circtune.apply_adapter(model, config)`` on the task model, ``RobertaForSequenceClassification``: the config
    names the base model's layers (``encoder.layer.0...``), found here under ``roberta.``; the listed nn.Linear
@@ -25,7 +26,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 import circtune
-from circtune.cli.main import main as circtune_cli
 
 CONFIG = {"model_type": "roberta", "vocab_size": 200, "hidden_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "intermediate_size": 256, "max_position_embeddings": 40, "type_vocab_size": 1}
@@ -34,11 +34,9 @@ LABELS = 2
 
 def make_adapter_config(model_dir: Path, out: Path) -> Path:
     """Run the real search on the small model (what `circtune search --model DIR --budget 2k` does)."""
-    code = circtune_cli(["search", "--model", str(model_dir), "--budget", "2k", "--tokens", "64", "--space",
-                         "encoder", "--warmup", "1", "--min-reps", "3", "--max-reps", "5", "--min-time", "0",
-                         "--trials", "50", "--quiet", "--out", str(out)])
-    if code:
-        raise SystemExit(f"circtune search failed with exit status {code}")
+    result = circtune.search(str(model_dir), "2k", tokens=64, space="encoder", warmup=1, min_reps=3, max_reps=5,
+                             min_time=0, trials=50, out=out)
+    print(f"picked {result.config.metadata['total_params']} parameters; report: {result.report_path}")
     return out / "adapter_config.json"
 
 

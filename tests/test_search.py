@@ -8,9 +8,6 @@ import pytest
 from tiny_models import tiny_roberta
 
 import circtune
-from circtune.cli.main import main
-from circtune.measure.store import MeasurementStore, this_worker
-from circtune.models import TargetLayer, build_model
 from circtune._search import (
     BudgetError,
     Option,
@@ -25,6 +22,9 @@ from circtune._search import (
     trials_frame,
     uniform_c3a,
 )
+from circtune.cli.main import main
+from circtune.measure.store import MeasurementStore, this_worker
+from circtune.models import TargetLayer, build_model
 from circtune.space import Candidate
 
 
@@ -172,7 +172,7 @@ def test_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["search", "--model", str(folder), "--budget", "900", "--space", str(space), "--batch-size", "2",
             "--seq-len", "8", "--warmup", "0", "--min-reps", "2", "--max-reps", "2", "--min-time", "0",
-            "--trials", "12", "--top", "2", "--quiet", "--out", str(out)]
+            "--validate-min-time", "0", "--trials", "12", "--top", "2", "--quiet", "--out", str(out)]
     assert main(args) == 0
     for name in ("adapter_config.json", "measurements.csv", "profile.json", "trials.csv", "validation.csv",
                  "circtune.db", "peft/adapter_config.json"):

@@ -32,8 +32,9 @@ I = 2.5 p log2 p (irfft) or 5 p log2 p (ifft), F = p//2 + 1 (rfft) or p (fft), o
 * forward: transforms of x and w ``(T·q_in + q_out·q_in)·R``; ``conj(W)·scale`` ``2·q_out·q_in·F``;
   mixing ``mix(q_in → q_out)``; inverse ``T·q_out·I``;
 * backward: transforms of g and w ``(T·q_out + q_out·q_in)·R``; input gradient ``2·q_in·q_out·F`` (scale) +
-  ``mix(q_out → q_in)`` + ``T·q_in·I``; kernel gradient ``T·q_in·R`` (x again) + ``corr`` + ``2·q_out·q_in·F`` +
-  ``q_out·q_in·I``;
+  ``mix(q_out → q_in)`` + ``T·q_in·I``; kernel gradient ``corr`` + ``2·q_out·q_in·F`` +
+  ``q_out·q_in·I`` (x's spectrum is kept from the forward for fp32/fp64 activations, the ones counted here;
+  bf16/fp16 ones recompute it: ``T·q_in·R`` more);
 
 where, with ``n = q_out·q_in`` block pairs, the mixing is a loop of broadcast multiply-adds while n ≤ 16
 (``_LOOP_MAX_PAIRS``) and a frequency-batched complex bmm above:
@@ -318,7 +319,7 @@ def _product_flops(tokens: int, q_in: int, q_out: int, p: int, transform: str) -
            + 2 * pairs * freqs + _mix(tokens, q_in, q_out, freqs) + tokens * q_out * inv_t)
     bwd = ((tokens * q_out + pairs) * fwd_t
            + 2 * pairs * freqs + _mix(tokens, q_out, q_in, freqs) + tokens * q_in * inv_t
-           + tokens * q_in * fwd_t + _correlate(tokens, q_out, q_in, freqs) + 2 * pairs * freqs + pairs * inv_t)
+           + _correlate(tokens, q_out, q_in, freqs) + 2 * pairs * freqs + pairs * inv_t)
     return fwd, bwd
 
 

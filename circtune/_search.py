@@ -46,15 +46,6 @@ class Option:
         return self.candidate.label
 
 
-def _candidate(row) -> Candidate:
-    def opt(v):
-        return None if v is None or pd.isna(v) or v == "" else v
-
-    block, factors = opt(row.block_size), opt(row.factors)
-    return Candidate(row.method, None if block is None else int(block), None if factors is None else int(factors),
-                     opt(row.transform), opt(row.backend))
-
-
 def options_by_shape(frame: pd.DataFrame, *, methods: Sequence[str] | None = None,
                      backends: Sequence[str] | None = None) -> dict[tuple[int, int], list[Option]]:
     """The adapter options of each shape: ok rows of ``methods`` and ``backends``, sorted by params then time."""
@@ -67,7 +58,7 @@ def options_by_shape(frame: pd.DataFrame, *, methods: Sequence[str] | None = Non
         # whose cost is below the resolution, and counts as zero.
         mem = 0.0 if pd.isna(row.peak_mem_mb) else max(0.0, float(row.peak_mem_mb))
         out.setdefault((int(row.d_in), int(row.d_out)), []).append(
-            Option(_candidate(row), int(row.params), max(0.0, float(row.step_ms)), mem))
+            Option(Candidate.from_row(row), int(row.params), max(0.0, float(row.step_ms)), mem))
     for opts in out.values():
         opts.sort(key=lambda o: (o.params, o.step_ms, o.mem_mb))
     return out

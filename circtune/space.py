@@ -64,11 +64,43 @@ class Candidate:
             return c3a_num_params(d_in, d_out, self.block_size)
         return cdvft_num_params(d_in, d_out, self.block_size, self.factors)
 
+    # ---- the key in the forms it takes outside this class; every writer and reader goes through these
     def layer_config(self) -> LayerConfig:
-        """The adapter-config entry for this candidate (adapter methods only)."""
+        """The adapter-config entry for this candidate (adapter methods only). A backend without a transform gets
+        LayerConfig's default one, which it ignores (:meth:`from_layer` drops it again)."""
         if self.is_baseline:
             raise ValueError(f"baseline {self.label} has no circtune adapter config")
         return LayerConfig(self.method, self.block_size, self.factors, self.transform or "rfft", self.backend)
+
+    @classmethod
+    def from_layer(cls, layer: LayerConfig | Mapping[str, Any]) -> Candidate:
+        """The candidate an adapter-config layer entry names (a LayerConfig or its JSON object; defaults as in
+        LayerConfig): the transform only where the backend uses one, so the key is the one that was measured."""
+        get = (lambda k: getattr(layer, k, None)) if isinstance(layer, LayerConfig) else layer.get
+        method = str(get("method"))
+        backend = _text(get("backend")) or "torch"
+        factors = None if method == "c3a" else _whole(get("factors")) or 2
+        transform = (_text(get("transform")) or "rfft") if uses_transform(backend) else None
+        return cls(method, _whole(get("block_size")), factors, transform, backend)
+
+    @classmethod
+    def from_row(cls, row: Any) -> Candidate:
+        """The candidate of a measurement row: a store row (``0``/``""`` for absent fields), a DataFrame row or
+        namedtuple (NaN), or a mapping read from measurements.csv."""
+        get = row.get if isinstance(row, Mapping) else (lambda k: getattr(row, k, None))
+        method = str(get("method"))
+        return cls(method, _whole(get("block_size")), None if method == "c3a" else _whole(get("factors")),
+                   _text(get("transform")), _text(get("backend")))
+
+    def store_values(self) -> dict[str, Any]:
+        """The key's columns in the measurement store, which holds no NULL in a key (``0`` and ``""``)."""
+        return {"method": self.method, "block_size": self.block_size or 0, "factors": self.factors or 0,
+                "transform": self.transform or "", "backend": self.backend or ""}
+
+    def frame_values(self) -> dict[str, Any]:
+        """The key's columns in measurements.csv and its DataFrame (None numbers, empty strings)."""
+        return {"method": self.method, "block_size": self.block_size, "factors": self.factors,
+                "transform": self.transform or "", "backend": self.backend or ""}
 
     @property
     def label(self) -> str:
@@ -84,6 +116,32 @@ class Candidate:
             parts.append(f"m={self.factors}")
         parts.append(f"{self.transform}/{self.backend}" if self.transform else self.backend)
         return " ".join(parts)
+
+
+def uses_transform(backend: str) -> bool:
+    """Whether ``backend`` computes through a transform (torch does; dense and triton do not). A backend this
+    process has not registered (triton without Triton) uses none."""
+    from .adapters import available_backends
+
+    return backend in available_backends() and get_backend(backend).uses_transform
+
+
+def _whole(v: Any) -> int | None:
+    """A key's integer field from any row form: None, NaN, "" and 0 are absent."""
+    if v is None or isinstance(v, str) and not v.strip():
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return int(round(f)) if math.isfinite(f) and f != 0 else None
+
+
+def _text(v: Any) -> str | None:
+    """A key's text field from any row form: None, NaN and "" are absent."""
+    if v is None or isinstance(v, float) and math.isnan(v):
+        return None
+    return str(v).strip() or None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""``circtune compare``: two fabricated search folders from different devices; ratios and regret by hand."""
+"""``circtune compare``: two search folders from different devices, written by the search's writers from fixed
+measurements; ratios and regret by hand."""
 
 import argparse
 import json
@@ -21,7 +22,7 @@ SCALE = {key: SLOWER.get(key, 2.0) for key in [("none", "", "", "", ""), ("lora"
                                                ("cdvft", "32", "2", "rfft", "torch")]}
 RFFT16 = {"method": "c3a", "block_size": 16, "factors": None, "transform": "rfft", "backend": "torch", "init": "zeros"}
 PICK_B = {**PICK, "model.layers.0.attn.q_proj": (Q, RFFT16)}
-TRITON = {UP: {("c3a", "32", "", "rfft", "triton"): (256, 0.5, 1.0, 2.5e6)}}
+TRITON = {UP: {("c3a", "32", "", "", "triton"): (256, 0.5, 1.0, 2.5e6)}}
 
 
 @pytest.fixture
@@ -44,8 +45,8 @@ def test_ratios_per_candidate_and_shape(folders):
     # geometric mean over everything but the base layer: 2 (lora) 2 (peft) 1 3 2 2 2
     assert shapes[Q]["geomean"][1] == pytest.approx(math.exp(math.log(2 ** 5 * 3) / 7))
     # the failed triton row on A is not a measurement; B's triton row is listed as measured on B only
-    assert "c3a p=64 rfft/triton" not in {r["label"] for r in shapes[UP]["rows"]}
-    assert shapes[UP]["only_some"] == [{"label": "c3a p=32 rfft/triton", "in": ["B"]}]
+    assert "c3a p=64 triton" not in {r["label"] for r in shapes[UP]["rows"]}
+    assert shapes[UP]["only_some"] == [{"label": "c3a p=32 triton", "in": ["B"]}]
 
 
 def test_devices_side_by_side(folders):
@@ -81,7 +82,7 @@ def test_regret_names_configurations_not_measured_on_the_other_device(tmp_path):
     triton_pick = {**PICK, "lm_head": (Q, {**TORCH32, "backend": "triton"})}
     b = write_run(tmp_path / "a100", device=A100, pick=triton_pick)
     ba = {(r["pick_of"], r["on"]): r for r in build_compare_data([a, b])["regret"]}[("B", "A")]
-    assert ba["regret_ms"] is None and ba["missing"] == ["lm_head: c3a p=32 rfft/triton"]
+    assert ba["regret_ms"] is None and ba["missing"] == ["lm_head: c3a p=32 triton"]
     assert ba["note"] == "1 layer(s) not measured on A"
 
 

@@ -9,8 +9,13 @@ import subprocess
 
 import pytest
 
+from circtune._io import write_csv_atomic
+from circtune.config import AdapterConfig, LayerConfig
+from circtune.measure.store import Measurement, MeasurementKey, to_frame
+from circtune.measure.timing import Spread
 from circtune.report.data import FolderError, build_report_data, load_folder, pareto_front, short_modules
 from circtune.report.render import render_html, write_report
+from circtune.space import Candidate
 
 # Two shapes, two layer indices and one unindexed layer. Times are per layer (ms) added over the frozen layer,
 # except "none" (absolute); FLOPs include the base layer's (1e6 for 64x64, 2e6 for 64x128).
@@ -32,7 +37,7 @@ BASE_TIMES = {  # shape -> candidate -> (params, step_ms, peak_mem_mb, flops_fwd
          ("c3a", "32", "", "fft", "torch"): (256, 2.2, 1.4, 2.4e6),
          ("cdvft", "32", "2", "rfft", "torch"): (448, 2.1, 1.5, 2.6e6)},
 }
-FAILED = {UP: [(("c3a", "64", "", "rfft", "triton"), "out of memory")]}
+FAILED = {UP: [(("c3a", "64", "", "", "triton"), "out of memory")]}  # triton uses no transform
 DENSE16 = {"method": "c3a", "block_size": 16, "factors": None, "transform": "rfft", "backend": "dense", "init": "zeros"}
 TORCH32 = {"method": "c3a", "block_size": 32, "factors": None, "transform": "rfft", "backend": "torch", "init": "zeros"}
 CDVFT32 = {"method": "cdvft", "block_size": 32, "factors": 2, "transform": "rfft", "backend": "torch", "alpha": 1.0}
@@ -43,10 +48,6 @@ H100 = {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "index": 0,
         "properties": {"total_memory_mb": 81559, "sm_count": 132, "power_limit_w": 700},
         "software": {"torch": "2.13.0", "triton": "3.5.0", "circtune": "0.1.0", "python": "3.11.7", "cuda": "12.8"},
         "fingerprint": "aaaa1111aaaa1111"}
-COLUMNS = ("model,d_in,d_out,tokens,dtype,method,block_size,factors,transform,backend,params,fwd_ms,bwd_ms,step_ms,"
-           "step_ms_p25,step_ms_p75,peak_mem_mb,flops_fwd,flops_fwd_bwd,status,device_name,device_fingerprint,"
-           "torch_version,triton_version,circtune_version,timestamp,layers,fwd_ms_p25,fwd_ms_p75,bwd_ms_p25,"
-           "bwd_ms_p75,step_ms_total,base_step_ms,peak_mem_mb_total,reps").split(",")
 VALIDATION = [  # deliberately not in display order
     {"label": "LoRA r=2", "kind": "baseline", "total_params": 1408, "predicted_step_ms": "", "measured_step_ms": 115.0,
      "predicted_mem_mb": "", "measured_mem_mb": 530.0, "picked": False},
@@ -85,24 +86,16 @@ def write_run(folder, *, model="tiny-llama", budget=1500, device=H100, scale=Non
               "measured_mem_mb": 520.0, "device": device, "tokens": 256, "dtype": "bf16",
               "command": f"circtune search --model {model} --budget {budget}", "objective": "latency",
               "study": {"name": "s-1", "storage": "sqlite:///circtune.db", "trials": 5}}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    # Both files through the writers a search uses: what the report reads is what the producer writes.
+    meta = {k: v for k, v in config.items() if k not in ("format", "base_model", "layers")}
+    AdapterConfig(model, {n: LayerConfig(**cfg) for n, cfg in layers.items()}, meta).save(
+        folder / "adapter_config.json")
     counts = {shape: sum(1 for s, _ in pick.values() if s == shape) for shape in BASE_TIMES}
-    with open(folder / "measurements.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        rows = [(s, k, v, "ok") for s, cands in BASE_TIMES.items() for k, v in cands.items()]
-        rows += [(s, k, v, "ok") for s, cands in (extra or {}).items() for k, v in cands.items()]
-        rows += [(s, k, (None, None, None, None), why) for s, fails in failed.items() for k, why in fails]
-        for (d_in, d_out), key, (params, ms, mem, flops), status in rows:
-            ms = None if ms is None else ms * (scale or {}).get(key, 1.0)
-            method, p, m, transform, backend = key
-            w.writerow({"model": model, "d_in": d_in, "d_out": d_out, "tokens": 256, "dtype": "bf16",
-                        "method": method, "block_size": p, "factors": m, "transform": transform, "backend": backend,
-                        "params": params, "step_ms": ms, "step_ms_p25": ms and ms * 0.9,
-                        "step_ms_p75": ms and ms * 1.1, "peak_mem_mb": mem, "flops_fwd_bwd": flops, "status": status,
-                        "device_name": device["name"], "device_fingerprint": device["fingerprint"],
-                        "torch_version": "2.13.0", "circtune_version": "0.1.0",
-                        "timestamp": "2026-11-24T10:00:00+00:00", "layers": counts[(d_in, d_out)], "reps": 20})
+    rows = [(s, k, v, "ok") for s, cands in BASE_TIMES.items() for k, v in cands.items()]
+    rows += [(s, k, v, "ok") for s, cands in (extra or {}).items() for k, v in cands.items()]
+    rows += [(s, k, (None, None, None, None), why) for s, fails in failed.items() for k, why in fails]
+    measurements = [_measurement(device, shape, key, values, status, scale) for shape, key, values, status in rows]
+    write_csv_atomic(to_frame(measurements, model, counts), folder / "measurements.csv")
     if "profile.json" in files:
         profile = {"model": {"spec": model, "name": model, "targets": [{"name": n, "d_in": s[0], "d_out": s[1]}
                                                                       for n, (s, _) in pick.items()]},
@@ -126,6 +119,36 @@ def write_run(folder, *, model="tiny-llama", budget=1500, device=H100, scale=Non
             w.writeheader()
             w.writerows([{"status": "ok", **row} for row in VALIDATION])
     return folder
+
+
+NONE = ("none", "", "", "", "")
+
+
+def fixture_candidate(key) -> Candidate:
+    """A fixture key (method, p, m, transform, backend) as the candidate the profiler measures."""
+    method, p, m, transform, backend = key
+    return Candidate(method, int(p) if p else None, int(m) if m else None, transform or None, backend or None)
+
+
+def _measurement(device, shape, key, values, status, scale) -> Measurement:
+    """The store's record of one fixture row: absolute times and memory (the base layer's plus the added ones, as
+    the paired timing records them), so that to_frame gives back the fixture's added numbers."""
+    params, ms, mem, flops = values
+    mkey = MeasurementKey(device["fingerprint"], "2.13.0", "3.5.0", "0.1.0", shape[0], shape[1], 256, "bf16",
+                          fixture_candidate(key))
+    common = {"timestamp": "2026-11-24T10:00:00+00:00"}
+    if status != "ok":
+        return Measurement(mkey, status, device["name"], params or 0, **common)
+    ms *= (scale or {}).get(key, 1.0)
+    if key == NONE:
+        half = Spread(ms * 0.45, ms / 2, ms * 0.55)  # (the base row's forward and backward, which to_frame reads)
+        return Measurement(mkey, "ok", device["name"], 0, fwd=half, bwd=half, step=Spread(ms * 0.9, ms, ms * 1.1),
+                           peak_mem_mb=mem,
+                           flops_fwd_bwd=int(flops), reps=20, **common)
+    _, base_ms, base_mem, _ = BASE_TIMES[shape][NONE]
+    ref = base_ms * (scale or {}).get(NONE, 1.0)
+    return Measurement(mkey, "ok", device["name"], params, step=Spread(ref + ms * 0.9, ref + ms, ref + ms * 1.1),
+                       peak_mem_mb=base_mem + mem, flops_fwd_bwd=int(flops), reps=20, ref_step_ms=ref, **common)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +181,7 @@ def test_pareto_front_per_shape(data):
     assert {p["label"]: p["flops_added"] for p in q["candidates"]}["c3a p=32 fft/torch"] == pytest.approx(2e5)
     assert q["flops"]["fewest"]["label"] == "c3a p=32 fft/torch"
     assert q["flops"]["fastest"]["label"] == "c3a p=32 rfft/torch"
-    assert shapes[UP]["failed"] == [{"label": "c3a p=64 rfft/triton", "status": "out of memory"}]
+    assert shapes[UP]["failed"] == [{"label": "c3a p=64 triton", "status": "out of memory"}]
     assert q["excluded"] == [{"what": "backend=triton", "reason": "triton unavailable"}]
 
 

@@ -148,3 +148,21 @@ def test_candidate_labels_and_configs():
     assert (lc.method, lc.block_size, lc.factors, lc.transform, lc.backend) == ("cdvft", 64, 3, "rfft", "dense")
     with pytest.raises(ValueError, match="baseline lora r=8 has no circtune adapter config"):
         Candidate("lora", factors=8).layer_config()
+
+
+@pytest.mark.parametrize("candidate", [
+    Candidate("none"), Candidate("lora", factors=8), Candidate("peft-c3a", block_size=16),
+    Candidate("c3a", 16, None, "rfft", "torch"), Candidate("c3a", 32, None, "dft", "torch"),
+    Candidate("c3a", 16, None, None, "dense"), Candidate("c3a", 64, None, None, "triton"),
+    Candidate("cdvft", 32, 3, "fft", "torch"), Candidate("cdvft", 32, 2, None, "triton")])
+def test_the_candidate_key_round_trips_through_every_form(candidate):
+    import pandas as pd
+
+    assert Candidate.from_row(candidate.store_values()) == candidate
+    frame = pd.DataFrame([candidate.frame_values()])  # NaN for the absent numbers, as measurements.csv reads back
+    assert Candidate.from_row(next(frame.itertuples())) == candidate
+    assert Candidate.from_row(frame.iloc[0].to_dict()) == candidate
+    if not candidate.is_baseline:
+        layer = candidate.layer_config()
+        assert Candidate.from_layer(layer) == candidate
+        assert Candidate.from_layer(layer.to_dict()) == candidate  # the adapter_config.json entry

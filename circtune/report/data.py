@@ -26,7 +26,7 @@ _REQUIRED_COLUMNS = ("d_in", "d_out", "method", "block_size", "factors", "transf
 _NUMERIC = ("d_in", "d_out", "tokens", "block_size", "factors", "params", "fwd_ms", "bwd_ms", "step_ms", "step_ms_p25",
             "step_ms_p75", "peak_mem_mb", "flops_fwd", "flops_fwd_bwd", "layers", "reps")
 # Backends in the order a reader expects them side by side; others follow alphabetically.
-_VARIANT_ORDER = ("rfft/torch", "fft/torch", "dense", "rfft/triton", "fft/triton")
+_VARIANT_ORDER = ("rfft/torch", "fft/torch", "dft/torch", "dense", "triton")
 _BASELINE_ORDER = ("no adapter", "lora", "peft", "uniform")
 
 
@@ -127,19 +127,12 @@ def _text(v: Any) -> str:
 
 def row_candidate(row: Mapping[str, Any]) -> Candidate:
     """The candidate of a measurement row (the key shared with the search)."""
-    method = str(row["method"])
-    factors = integer(row.get("factors"))
-    return Candidate(method, integer(row.get("block_size")), None if method == "c3a" else factors,
-                     _text(row.get("transform")) or None, _text(row.get("backend")) or None)
+    return Candidate.from_row(row)
 
 
 def layer_candidate(layer: Mapping[str, Any]) -> Candidate:
-    """The candidate an adapter_config.json layer entry names (defaults as in :class:`circtune.LayerConfig`)."""
-    method = str(layer.get("method"))
-    backend = layer.get("backend") or "torch"
-    factors = None if method == "c3a" else integer(layer.get("factors")) or 2
-    transform = None if backend == "dense" else layer.get("transform") or "rfft"
-    return Candidate(method, integer(layer.get("block_size")), factors, transform, backend)
+    """The candidate an adapter_config.json layer entry names."""
+    return Candidate.from_layer(layer)
 
 
 def layer_class(c: Candidate) -> str:

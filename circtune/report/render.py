@@ -28,8 +28,9 @@ PLOTLYJS = ("inline", "cdn")
 _METHOD_COLOURS = {"c3a": "Blues", "cdvft": "Oranges"}
 _KIND_COLOURS = {"pick": "#2ca02c", "candidate": "#1f77b4", "baseline": "#9a9a9a"}
 # One colour per transform/backend in every chart; unknown variants take the rest in turn.
-_VARIANT_COLOURS = {"rfft/torch": "#1f77b4", "fft/torch": "#d62728", "dense": "#2ca02c", "rfft/triton": "#9467bd",
-                    "fft/triton": "#ff7f0e"}
+# (dense and triton take no transform: their variant is the backend alone)
+_VARIANT_COLOURS = {"rfft/torch": "#1f77b4", "fft/torch": "#d62728", "dft/torch": "#ff7f0e", "dense": "#2ca02c",
+                    "triton": "#9467bd"}
 _SPARE = ("#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1400px;

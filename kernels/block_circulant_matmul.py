@@ -3,12 +3,13 @@
 Forward (``Δz = C(w) x``, optionally fused with the frozen layer) and input gradient (``dx = g · (scale·C(w) + W0)``,
 the same kernel with the re-indexed kernel of :func:`transpose_kernel` and ``W0ᵀ``) are both this one op.
 
-Algorithm (route C of shared/kernels.md). A tiled GEMM over ``a [M, K]`` whose ``[BLOCK_K, BLOCK_N]`` operand tile is
-*generated* from ``w [N/p, K/p, p]`` by index arithmetic, ``C(w)[n, k] = w[n // p, k // p, (k - n) mod p]``, in
-registers — the ``N × K`` matrix never exists in memory — scaled, optionally added to the base weight's tile (read
-as a normal GEMM would read it) and fed to ``tl.dot``. So one GEMM computes ``(W0 + ΔW) x``: the adapter's forward
-and input gradient cost what the frozen layer's own two GEMMs cost, plus the gathers of ``w`` (``N·K/p`` values,
-cache-resident). Tiles need not line up with circulant blocks, so any ``p`` works, powers of two or not.
+Algorithm (an implicit GEMM: the circulant operand is generated, never stored). A tiled GEMM over ``a [M, K]``
+whose ``[BLOCK_K, BLOCK_N]`` operand tile is *generated* from ``w [N/p, K/p, p]`` by index arithmetic,
+``C(w)[n, k] = w[n // p, k // p, (k - n) mod p]``, in registers — the ``N × K`` matrix never exists in memory —
+scaled, optionally added to the base weight's tile (read as a normal GEMM would read it) and fed to ``tl.dot``.
+So one GEMM computes ``(W0 + ΔW) x``: the adapter's forward and input gradient cost what the frozen layer's own
+two GEMMs cost, plus the gathers of ``w`` (``N·K/p`` values, cache-resident). Tiles need not line up with
+circulant blocks, so any ``p`` works, powers of two or not.
 
 Why not the DFT-as-matmul route for small p: it needs ``p`` to be tile-friendly (the transform is a ``p × p`` or
 ``p × (p+2)`` matmul per block, padded to 16), three chained matmuls per tile with complex mixing in between, and

@@ -1,8 +1,8 @@
 """The ``triton`` backend: every block-circulant product of C3A and CDVFT through circtune.kernels.
 
-Importing this module never imports Triton: it registers the backend when Triton is *installed*, and the kernel
-modules are imported on the first forward. So ``import circtune`` works without Triton, and a test can set
-``TRITON_INTERPRET=1`` before the kernels are decorated (Triton reads it then).
+Importing this module never imports Triton: circtune.adapters registers :func:`backend` when Triton is
+*installed*, and the kernel modules are imported on the first forward. So ``import circtune`` works without
+Triton, and a test can set ``TRITON_INTERPRET=1`` before the kernels are decorated (Triton reads it then).
 
 * C3A: ``(W0 + ΔW) x + b`` is one implicit GEMM (the circulant tile generated from the kernel and added to W0's
   tile); its input gradient is one more; the kernel gradient is one implicit Hankel GEMM.
@@ -15,8 +15,8 @@ kernels are correct beyond it, but there the transform route is predicted to win
 ``4·T·d_in·d_out/p`` while the implicit GEMM's stay ``2·T·d_in·d_out``, and the kernel gradient's row tile (16 at
 least) pads ``q_out = d_out/p`` rows, wasting MMA work once ``d_out/p < 16``.
 
-Why implicit GEMMs (route C of shared/kernels.md) rather than the DFT as a matmul, with numbers. H100, bf16 at
-≈ 800 TFLOP/s, ≈ 3 TB/s; T = 4096, d_in = d_out = 1024, p = 64. The frozen layer's own step is two GEMMs
+Why implicit GEMMs (the circulant tile generated inside the GEMM) rather than the DFT as a matmul, with numbers.
+H100, bf16 at ≈ 800 TFLOP/s, ≈ 3 TB/s; T = 4096, d_in = d_out = 1024, p = 64. The frozen layer's own step is two GEMMs
 (forward, input gradient; its weight gradient is not needed): 2 × 8.6 GFLOP ≈ 22 µs.
 
 ============================  ==========================================  ==========================================
@@ -44,7 +44,7 @@ import importlib.util
 
 import torch
 
-from circtune.adapters._backends import Backend, register_backend
+from circtune.adapters._backends import Backend
 
 MAX_BLOCK_SIZE = 256
 
@@ -111,14 +111,10 @@ def triton_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return base(x) + h
 
 
-def register() -> Backend | None:
-    """Register ``triton`` when Triton is installed (without importing it); None otherwise."""
+def backend() -> Backend | None:
+    """The ``triton`` backend when Triton is installed (found without importing it); None otherwise.
+    circtune.adapters registers it."""
     if importlib.util.find_spec("triton") is None:
         return None
-    return register_backend(Backend(
-        "triton", triton_forward, unavailable_reason, False,
-        f"Triton implicit GEMMs: circulant tiles generated from w inside the base GEMM (p <= {MAX_BLOCK_SIZE})",
-        block_size_reason=block_size_reason))
-
-
-BACKEND = register()
+    # Triton implicit GEMMs: circulant tiles generated from w inside the base GEMM (p <= MAX_BLOCK_SIZE)
+    return Backend("triton", triton_forward, unavailable_reason, False, block_size_reason=block_size_reason)

@@ -61,3 +61,17 @@ def test_a_triton_pick_is_measured_in_the_report_and_in_compare(tmp_path, monkey
     assert data["regret"] and all(r["missing"] == [] and r["cost_ms"] is not None for r in data["regret"])
     assert main(["compare", str(result.folder), str(other), "-o", str(tmp_path / "compare.html")]) == 0
     capsys.readouterr()
+
+
+def test_circtune_adapters_registers_triton_explicitly_when_it_is_installed():
+    from importlib.util import find_spec
+
+    from circtune.kernels import triton_backend
+
+    from circtune.adapters import available_backends
+
+    assert ("triton" in available_backends()) == (find_spec("triton") is not None)
+    before = available_backends()
+    made = triton_backend.backend()  # building it registers nothing (importing the module never did either)
+    assert available_backends() == before
+    assert made is None or (made.name == "triton" and not made.uses_transform)

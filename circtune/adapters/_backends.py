@@ -3,10 +3,12 @@
 * ``torch``: the transform route, hand-written backward: ``transform`` picks torch.fft's rfft or fft, or dft (real
   GEMMs against cos/sin bases, circtune.adapters._dft).
 * ``dense``: materialise ΔW from the parameters and fold it into the frozen weight, so forward and input
-  gradient are the one GEMM the base layer needs anyway; the kernel gradient is ``gᵀx`` summed along the
-  circulant diagonals. The transform knob does not apply.
+  gradient are the one GEMM the base layer needs anyway; the kernel gradient is spectral (rfft of x and g, a
+  per-frequency token reduction; ``gᵀx`` summed along the circulant diagonals for p < 8). The transform knob does
+  not apply.
 
-The ``triton`` backend (circtune.kernels.triton_backend) registers itself here when Triton is installed.
+The ``triton`` backend (circtune.kernels.triton_backend) is registered by circtune.adapters when Triton is
+installed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ._circulant import block_circulant_product
+from ._circulant import block_circulant_product, dense_block_circulant_linear
 
 if TYPE_CHECKING:
     from ._layer import CirculantLinear
@@ -32,7 +34,6 @@ class Backend:
     # device -> None when usable there, else the reason it is not (the search space records it).
     unavailable_reason: Callable[[torch.device], str | None]
     uses_transform: bool
-    description: str
     # (p, d_in, d_out) -> None when the backend covers block size p for that shape, else why not (the search space
     # records it); None: every p.
     block_size_reason: Callable[[int, int, int], str | None] | None = None
@@ -79,6 +80,10 @@ def _torch_forward(layer: CirculantLinear, x: torch.Tensor) -> torch.Tensor:
 
 def _dense_forward(layer: CirculantLinear, x: torch.Tensor) -> torch.Tensor:
     base = layer.base_layer
+    kernels = layer.circulant_factors()
+    if len(kernels) == 1 and layer.diagonal_factors() is None:  # C3A: spectral kernel gradient, one fused add
+        return dense_block_circulant_linear(x, kernels[0], scale=layer.circulant_scale, weight=base.weight,
+                                            bias=base.bias)
     weight = base.weight + layer.delta_weight().to(base.weight.dtype)
     return F.linear(x, weight, base.bias)
 
@@ -87,5 +92,5 @@ def _always(device: torch.device) -> None:
     return None
 
 
-register_backend(Backend("torch", _torch_forward, _always, True, "transform route (rfft, fft, dft), custom backward"))
-register_backend(Backend("dense", _dense_forward, _always, False, "materialised ΔW folded into the base GEMM"))
+register_backend(Backend("torch", _torch_forward, _always, True))  # transform route (rfft, fft, dft), own backward
+register_backend(Backend("dense", _dense_forward, _always, False))  # materialised ΔW folded into the base GEMM

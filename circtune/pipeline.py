@@ -32,6 +32,7 @@ from ._search import (
     uniform_c3a,
 )
 from .config import AdapterConfig
+from .cost import ok_table, summed_cost
 from .measure.store import MeasurementStore, masked_url, this_worker
 from .measure.timing import TimingSettings
 from .models import ModelInfo, build_model
@@ -58,19 +59,10 @@ def adapter_config(model: ModelInfo, problem: Problem, a: Assignment, **metadata
     return AdapterConfig(model.name, layers, metadata)
 
 
-def _baseline_prediction(frame: pd.DataFrame, model: ModelInfo, method: str, **match) -> tuple[float, float] | None:
-    """Summed added (step_ms, peak_mem_mb) of a baseline over the target layers, if every shape was measured."""
-    rows = frame[(frame.method == method) & (frame.status == "ok")]
-    for col, value in match.items():
-        rows = rows[rows[col] == value]
-    step = mem = 0.0
-    for layer in model.targets:
-        r = rows[(rows.d_in == layer.d_in) & (rows.d_out == layer.d_out)]
-        if r.empty:
-            return None
-        step += float(r.step_ms.iloc[0])
-        mem += float(r.peak_mem_mb.iloc[0]) if not pd.isna(r.peak_mem_mb.iloc[0]) else 0.0
-    return step, mem
+def _baseline_prediction(frame: pd.DataFrame, model: ModelInfo, candidate: Candidate) -> tuple[float, float] | None:
+    """Summed added (step_ms, peak_mem_mb) of a baseline on every target layer, if every shape was measured."""
+    cost = summed_cost(((t.name, t.shape, candidate) for t in model.targets), ok_table(frame))
+    return None if cost.step_ms is None else (cost.step_ms, cost.mem_mb)
 
 
 def baseline_plans(model: ModelInfo, problem: Problem, frame: pd.DataFrame, budget: int) -> list[Plan]:
@@ -79,7 +71,7 @@ def baseline_plans(model: ModelInfo, problem: Problem, frame: pd.DataFrame, budg
     plans = [baseline_plan("no adapter", {}, 0, 0.0, 0.0)]
     rank = max(1, budget // sum(layer.d_in + layer.d_out for layer in model.targets))
     lora = {n: Candidate("lora", factors=rank) for n in names}
-    pred = _baseline_prediction(frame, model, "lora", factors=rank)
+    pred = _baseline_prediction(frame, model, lora[names[0]])
     plans.append(baseline_plan(f"LoRA r={rank}", lora, sum(c.params(layer.d_in, layer.d_out) for c, layer in
                                                            zip(lora.values(), model.targets, strict=True)),
                                *(pred or (None, None))))
@@ -88,7 +80,7 @@ def baseline_plans(model: ModelInfo, problem: Problem, frame: pd.DataFrame, budg
         uniform = max(fitting, key=lambda u: u.params)
         p = int(uniform.label.rsplit("=", 1)[1])
         peft = {n: Candidate("peft-c3a", block_size=p) for n in names}
-        pred = _baseline_prediction(frame, model, "peft-c3a", block_size=p)
+        pred = _baseline_prediction(frame, model, peft[names[0]])
         if not frame[frame.method == "peft-c3a"].empty:
             plans.append(baseline_plan(f"PEFT C3A p={p}", peft, uniform.params, *(pred or (None, None))))
         plans.append(candidate_plan(f"uniform c3a p={p}", adapter_config(model, problem, uniform), uniform.params,

@@ -19,6 +19,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from .._io import write_text_atomic
+from ..cost import summed_cost
 from .data import RunFolder, layer_candidate, layer_shapes, load_folder, num, ok_table, run_frame
 from .render import esc, figure, note, page, table
 
@@ -47,16 +48,9 @@ def _differences(runs: Sequence[RunFolder]) -> list[str]:
 def pick_cost(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]], table) -> dict[str, Any]:
     """Added step time and memory of ``config``'s layers, summed from ``table`` (one run's ok measurements);
     the layers whose shape or configuration that run did not measure are listed, and the sums are then None."""
-    step, mem, missing = 0.0, 0.0, []
-    for name, layer in config["layers"].items():
-        c, shape = layer_candidate(layer), shapes.get(name)
-        row = (table.get(shape) or {}).get(c) if shape else None
-        if row is None or num(row["step_ms"]) is None:
-            missing.append(f"{name}: {c.label}" + ("" if shape else " (shape unknown)"))
-            continue
-        step += num(row["step_ms"])
-        mem += num(row.get("peak_mem_mb")) or 0.0
-    return {"step_ms": None if missing else step, "mem_mb": None if missing else mem, "missing": missing}
+    cost = summed_cost(((name, shapes.get(name), layer_candidate(layer)) for name, layer in config["layers"].items()),
+                       table)
+    return {"step_ms": cost.step_ms, "mem_mb": cost.mem_mb, "missing": list(cost.missing)}
 
 
 def _ratio_rows(tables: Sequence[Mapping], shape: tuple[int, int]) -> tuple[list[dict], list[dict]]:

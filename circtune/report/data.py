@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..cost import ok_table
 from ..space import Candidate
 
 REQUIRED_FILES = ("adapter_config.json", "measurements.csv")
@@ -189,14 +190,6 @@ def layer_shapes(run: RunFolder, frame: pd.DataFrame) -> dict[str, tuple[int, in
             shape = (int(unique.d_in.iloc[0]), int(unique.d_out.iloc[0]))
             shapes = {name: shape for name in run.config.get("layers", {})}
     return shapes
-
-
-def ok_table(frame: pd.DataFrame) -> dict[tuple[int, int], dict[Candidate, dict[str, Any]]]:
-    """(d_in, d_out) -> candidate -> its successful measurement row (as a dict)."""
-    out: dict[tuple[int, int], dict[Candidate, dict[str, Any]]] = {}
-    for row in frame[frame.status == "ok"].to_dict("records"):
-        out.setdefault((int(row["d_in"]), int(row["d_out"])), {})[row_candidate(row)] = row
-    return out
 
 
 def pareto_front(points: Sequence[Mapping[str, Any]], x: str = "params", y: str = "step_ms") -> list[dict]:

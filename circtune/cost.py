@@ -1,7 +1,7 @@
 """The additive cost model: what adapters add to a model's training step is the sum, over its target layers, of
 what each layer's adapter added in its own measurement (step time, and peak memory where it was measured).
 
-The search sums its options (:meth:`circtune._search.Problem.totals`, on its hot path); everything that prices an
+The search sums its options (:meth:`circtune.problem.Problem.totals`, on its hot path); everything that prices an
 assignment from measurement rows — the baselines' predictions, a report's pick, one device's pick on another
 device — goes through :func:`summed_cost`.
 """

@@ -17,19 +17,12 @@ import pandas as pd
 
 from ._io import write_csv_atomic
 from ._search import (
-    Assignment,
-    Problem,
-    build_problem,
     check_study_identity,
     complete_trials,
-    exact_optimum,
     existing_study,
-    neighbours,
     ranked_assignments,
     run_study,
-    to_layer_map,
     trials_frame,
-    uniform_c3a,
 )
 from .config import AdapterConfig
 from .cost import ok_table, summed_cost
@@ -38,6 +31,7 @@ from .measure.timing import TimingSettings
 from .models import ModelInfo, build_model
 from .options import WHOLE_MODEL, SearchOptions
 from .outputs import record, same_identity, written_by
+from .problem import Assignment, Problem, build_problem, exact_optimum, neighbours, to_layer_map, uniform_c3a
 from .report.render import write_report
 from .space import DTYPES, Candidate
 from .validate import Plan, Validation, baseline_plan, candidate_plan, validate
@@ -225,7 +219,7 @@ def _outputs_written(study, opts: SearchOptions, out: Path, name: str, identity:
 def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out: Path,
                    storage: str, problem: Problem, here: pd.DataFrame, optimum: Assignment, study, name: str,
                    batch: int, seq_len: int, dtype: str, command: str | None) -> dict:
-    from ._search import pick_order
+    from .problem import pick_order
 
     trials = trials_frame(problem, study)
     write_csv_atomic(trials, out / "trials.csv")

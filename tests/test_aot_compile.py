@@ -20,6 +20,7 @@ pytest.importorskip("triton.backends.nvidia.compiler")
 from circtune.kernels import _aot  # noqa: E402
 
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+pytestmark = pytest.mark.slow  # Triton compiles in child processes, minutes on a CPU
 
 
 def _python(code_or_args: list[str], timeout: int) -> subprocess.CompletedProcess:

@@ -118,6 +118,7 @@ def test_after_an_error_the_handlers_and_threads_are_the_callers(tmp_path, calle
     assert not (tmp_path / "out" / "measurements.csv").exists()
 
 
+@pytest.mark.slow
 def test_search_returns_the_pick_and_its_files(tmp_path, callers_state):
     handlers, threads = callers_state
     folder = tiny_roberta(tmp_path / "tiny", hidden=64, layers=2)

@@ -276,6 +276,7 @@ def test_oom_and_nan_during_the_timed_steps_release_memory_and_the_run_goes_on(t
 
 
 # ------------------------------------------------------------------------------------------ --isolate
+@pytest.mark.slow
 def test_search_isolate_records_a_crashed_child_and_never_picks_it(tmp_path, monkeypatch, capsys):
     """``circtune search --isolate``: the child measuring c3a p=16 dense dies (os._exit, as a segfault or a poisoned
     CUDA context would end it); it is recorded as crashed, a fresh child measures the rest, the study never offers
@@ -314,6 +315,7 @@ def test_search_isolate_records_a_crashed_child_and_never_picks_it(tmp_path, mon
     assert "crashed: the measuring child process died" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_isolate_replaces_a_child_that_a_failure_left_broken(tmp_path):
     """A failure that does not end the child but breaks it for every later job (a sticky CUDA error poisons the
     context; here a flag set in the child makes every later build raise): that job is recorded with its error and

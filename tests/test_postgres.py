@@ -18,6 +18,8 @@ import pytest
 from test_search import check_search_workers, run_search_workers
 from test_workers import _plans, run_two_workers
 
+pytestmark = pytest.mark.slow  # a database server and several processes
+
 
 def _bindir() -> str | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))

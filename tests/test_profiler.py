@@ -193,6 +193,7 @@ def test_memory_stays_flat_over_hundreds_of_candidates(tmp_path):
     assert marks[2] - marks[0] < 25, marks
 
 
+@pytest.mark.slow
 def test_isolated_measurement_survives_a_crashing_candidate(setup):
     from tiny_models import crashing_build
 

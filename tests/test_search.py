@@ -8,23 +8,12 @@ import pytest
 from tiny_models import tiny_roberta
 
 import circtune
-from circtune._search import (
-    BudgetError,
-    Option,
-    Problem,
-    build_problem,
-    exact_optimum,
-    neighbours,
-    parse_budget,
-    ranked_assignments,
-    repair,
-    run_study,
-    trials_frame,
-    uniform_c3a,
-)
+from circtune._search import ranked_assignments, run_study, trials_frame
 from circtune.cli.main import main
 from circtune.measure.store import MeasurementStore, this_worker
 from circtune.models import TargetLayer, build_model
+from circtune.options import BudgetError, parse_budget
+from circtune.problem import Option, Problem, build_problem, exact_optimum, neighbours, repair, uniform_c3a
 from circtune.space import Candidate
 
 
@@ -164,6 +153,7 @@ def tiny_search(tmp_path, store: str, trials: int):
     return command
 
 
+@pytest.mark.slow
 def test_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
     folder = tiny_roberta(tmp_path / "tiny", hidden=64, layers=2)
     space = tmp_path / "space.toml"
@@ -296,6 +286,7 @@ def test_two_workers_never_both_pop_one_enqueued_trial(tmp_path):
     b.engine.dispose()
 
 
+@pytest.mark.slow
 def test_two_search_workers_share_one_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     picks = run_two_search_workers(storage, 40)
@@ -324,6 +315,7 @@ def _study_trials(store, study: str) -> list[tuple]:
 
 
 @pytest.mark.parametrize("signame", ["SIGKILL", "SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_a_search_stopped_mid_trial_then_rerun_loses_and_duplicates_nothing(tmp_path, signame):
     """Stop a search in the middle of a trial, after some stored ones; the same command again finishes the study,
     keeps every trial it had unchanged, measures nothing again, and picks what an uninterrupted run on the same
@@ -449,6 +441,7 @@ def check_search_workers(store_url: str, command, results, trials: int = 60) -> 
             "by_worker": sorted(by_worker.values())}
 
 
+@pytest.mark.slow
 def test_two_search_commands_share_one_sqlite_store_and_study(tmp_path):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     command, results = run_search_workers(url, tmp_path)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import shutil
 
+import pytest
 from tiny_models import tiny_roberta
 
 import circtune
@@ -32,6 +33,7 @@ def _stand_in(monkeypatch) -> None:
         uses_transform=False))
 
 
+@pytest.mark.slow
 def test_a_triton_pick_is_measured_in_the_report_and_in_compare(tmp_path, monkeypatch, capsys):
     _stand_in(monkeypatch)
     folder = tiny_roberta(tmp_path / "tiny", hidden=64, layers=2)

@@ -3,6 +3,7 @@
 import multiprocessing as mp
 import time
 
+import pytest
 import torch
 
 from circtune.measure.device import describe_device
@@ -50,6 +51,7 @@ def run_two_workers(url: str, prefix: str) -> list[tuple]:
     return sorted(queue.get(timeout=5) for _ in procs)
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_sqlite_store(tmp_path):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     results = run_two_workers(url, "w")
@@ -92,6 +94,7 @@ def test_a_dead_workers_job_is_measured_after_its_claim_times_out(tmp_path):
     assert result.measured == len(jobs_for(plans, ("fp32",))) and not result.failed
 
 
+@pytest.mark.slow
 def test_a_claim_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
     import socket
     import subprocess
@@ -125,6 +128,7 @@ def _rows(store_path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sigkill_mid_profile_then_rerun_loses_and_duplicates_nothing(tmp_path, capsys):
     import os
     import signal
@@ -156,6 +160,7 @@ def test_sigkill_mid_profile_then_rerun_loses_and_duplicates_nothing(tmp_path, c
                                                          "transform", "backend"]).any()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_with_a_summary(tmp_path):
     import os
     import signal

@@ -304,3 +304,108 @@ def block_circulant_product(x: torch.Tensor, w: torch.Tensor, *, scale: float = 
 def block_circulant_product_dense(x: torch.Tensor, w: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
     """The same product by materialising the matrix: one GEMM (the dense route)."""
     return torch.nn.functional.linear(x, (block_circulant_matrix(w) * scale).to(x.dtype))
+
+
+# --- the spectral kernel gradient, and the dense backend's folded product --------------------------------------
+
+def spectral_kernel_grad(x: torch.Tensor, g: torch.Tensor, p: int, scale: float = 1.0,
+                         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``∂L/∂w [q_out, q_in, p]`` of ``y = scale · C(w) x`` from ``x [N, q_in·p]`` and ``g [N, q_out·p]`` through
+    torch.fft: rfft of x and g (frequency-major above ``_LOOP_MAX_PAIRS`` block pairs), ``Σ_t conj(G)ᵀ X`` per
+    frequency, one small irfft. ≈ ``8·N·q_out·q_in·(p/2+1)`` FLOPs of mixing (≈ 4·N·d_in·d_out/p) plus the two
+    transforms, against the GEMM form's ``2·N·d_in·d_out``. Accumulates in fp32 (fp64 for fp64 operands)."""
+    q_in, q_out = x.shape[-1] // p, g.shape[-1] // p
+    real = compute_dtype(torch.float64 if torch.float64 in (x.dtype, g.dtype) else x.dtype, p, x.device)
+    xb, gb = x.reshape(-1, q_in, p).to(real), g.reshape(-1, q_out, p).to(real)
+    if q_out * q_in > _LOOP_MAX_PAIRS:
+        x_spec, g_spec = _spectrum_fmajor(xb, "rfft"), _spectrum_fmajor(gb, "rfft")  # [F, N, q]
+        corr = torch.bmm(g_spec.transpose(1, 2).conj(), x_spec).permute(1, 2, 0)  # [q_out, q_in, F]
+    else:
+        spec = _spectrum_dtype(real)
+        corr = _correlate(torch.fft.rfft(gb, dim=-1).to(spec), torch.fft.rfft(xb, dim=-1).to(spec))
+    return _inverse_transform(corr * scale, p, "rfft").to(out_dtype)
+
+
+def gemm_kernel_grad(x: torch.Tensor, g: torch.Tensor, p: int, scale: float = 1.0,
+                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The same gradient as the full weight gradient ``gᵀx`` (``2·N·d_in·d_out`` FLOPs) summed along the
+    circulant diagonals of each block: cheaper than the spectral form only for small p (see
+    :func:`dense_kernel_grad_route`)."""
+    q_in, q_out = x.shape[-1] // p, g.shape[-1] // p
+    real = compute_dtype(torch.float64 if torch.float64 in (x.dtype, g.dtype) else x.dtype, p, x.device)
+    full = g.reshape(-1, q_out * p).to(real).T @ x.reshape(-1, q_in * p).to(real)  # [d_out, d_in]
+    blocks = full.reshape(q_out, p, q_in, p).permute(0, 2, 1, 3).reshape(q_out, q_in, p * p)
+    dw = full.new_zeros(q_out, q_in, p).index_add_(2, circulant_index(p, x.device).reshape(-1), blocks)
+    return (dw * scale).to(out_dtype)
+
+
+# The dense backend's kernel gradient is spectral from this block size on, the GEMM form below it. Measured on
+# the 2-core CPU (T=512, d=1024, fp32, kernel gradient alone, see dense_kernel_grad_route): the GEMM form wins at
+# p <= 4, the spectral one from p = 8 on.
+DENSE_SPECTRAL_MIN_P = 8
+
+
+def dense_kernel_grad_route(p: int) -> str:
+    """"spectral" or "gemm": the dense backend's kernel-gradient form for block size p."""
+    return "spectral" if p >= DENSE_SPECTRAL_MIN_P else "gemm"
+
+
+def folded_weight(w: torch.Tensor, scale: float, weight: torch.Tensor | None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``weight + scale · C(w)`` as one contiguous ``[q_out·p, q_in·p]`` matrix in weight's dtype (``dtype``
+    without a weight): the p × p gather of the (scaled, tiny) kernel, then one add that writes the permuted blocks
+    straight into the result (no permute copy, no separate scale or cast pass over d_out × d_in)."""
+    q_out, q_in, p = w.shape
+    dtype = weight.dtype if weight is not None else (dtype or w.dtype)
+    blocks = (w * scale).to(dtype)[:, :, circulant_index(p, w.device)]  # [q_out, q_in, p(u), p(t)]
+    out = torch.empty(q_out * p, q_in * p, dtype=dtype, device=w.device)
+    view = out.view(q_out, p, q_in, p).permute(0, 2, 1, 3)
+    if weight is None:
+        view.copy_(blocks)
+    else:
+        torch.add(weight.view(q_out, p, q_in, p).permute(0, 2, 1, 3), blocks, out=view)
+    return out
+
+
+class _DenseBlockCirculantLinear(torch.autograd.Function):
+    """``x · (weight + scale·C(w))ᵀ + bias``: forward and input gradient are the one GEMM the frozen layer needs
+    anyway; the kernel gradient is spectral (or the GEMM form for small p). Saves x, w and the folded matrix (the
+    matrix F.linear would save)."""
+
+    @staticmethod
+    def forward(ctx, x, w, scale, weight, bias):
+        folded = folded_weight(w, scale, weight, x.dtype)
+        ctx.save_for_backward(x, w, folded)
+        ctx.scale, ctx.bias_dtype = scale, None if bias is None else bias.dtype
+        return torch.nn.functional.linear(x, folded.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, folded = ctx.saved_tensors
+        p = w.shape[2]
+        dx = dw = dweight = dbias = None
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[0]:
+            dx = grad.matmul(folded.to(grad.dtype))
+        if ctx.needs_input_grad[1]:
+            route = spectral_kernel_grad if dense_kernel_grad_route(p) == "spectral" else gemm_kernel_grad
+            dw = route(x2, g2, p, ctx.scale, out_dtype=w.dtype)
+        if ctx.needs_input_grad[3]:
+            dweight = (g2.T @ x2).to(folded.dtype)
+        if ctx.needs_input_grad[4]:
+            dbias = g2.sum(0).to(ctx.bias_dtype)
+        return dx, dw, None, dweight, dbias
+
+
+def dense_block_circulant_linear(x: torch.Tensor, w: torch.Tensor, *, scale: float = 1.0,
+                                 weight: torch.Tensor | None = None,
+                                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x · (weight + scale·C(w))ᵀ + bias`` with ΔW folded into the frozen weight (the dense backend)."""
+    if w.dim() != 3 or x.shape[-1] != w.shape[1] * w.shape[2]:
+        raise ValueError(f"kernel of shape {tuple(w.shape)} does not fit input of shape {tuple(x.shape)}: "
+                         "expected x[..., q_in * p] for w[q_out, q_in, p]")
+    if torch.jit.is_tracing():
+        delta = block_circulant_matrix(w) * scale
+        return torch.nn.functional.linear(x, (delta if weight is None else weight + delta.to(weight.dtype))
+                                          .to(x.dtype), bias)
+    return _DenseBlockCirculantLinear.apply(x, w, float(scale), weight, bias)

@@ -33,7 +33,7 @@ from .options import WHOLE_MODEL, SearchOptions
 from .outputs import record, same_identity, written_by
 from .problem import Assignment, Problem, build_problem, exact_optimum, neighbours, to_layer_map, uniform_c3a
 from .report.render import write_report
-from .space import DTYPES, Candidate
+from .space import DTYPES, Candidate, lora_rank_for_budget
 from .validate import Plan, Validation, baseline_plan, candidate_plan, validate
 
 VALIDATION_COLUMNS = ("label", "kind", "total_params", "predicted_overhead_ms", "predicted_step_ms",
@@ -63,7 +63,7 @@ def baseline_plans(model: ModelInfo, problem: Problem, frame: pd.DataFrame, budg
     """No adapter; LoRA at the budget; PEFT's C3A and circtune's uniform C3A at the largest p-total within it."""
     names = [layer.name for layer in model.targets]
     plans = [baseline_plan("no adapter", {}, 0, 0.0, 0.0)]
-    rank = max(1, budget // sum(layer.d_in + layer.d_out for layer in model.targets))
+    rank = lora_rank_for_budget(budget, [layer.shape for layer in model.targets])
     lora = {n: Candidate("lora", factors=rank) for n in names}
     pred = _baseline_prediction(frame, model, lora[names[0]])
     plans.append(baseline_plan(f"LoRA r={rank}", lora, sum(c.params(layer.d_in, layer.d_out) for c, layer in
@@ -72,7 +72,7 @@ def baseline_plans(model: ModelInfo, problem: Problem, frame: pd.DataFrame, budg
     fitting = [u for u in uniform_c3a(problem) if u.params <= budget]
     if fitting:
         uniform = max(fitting, key=lambda u: u.params)
-        p = int(uniform.label.rsplit("=", 1)[1])
+        (p,) = {o.candidate.block_size for o in to_layer_map(problem, uniform).values()}
         peft = {n: Candidate("peft-c3a", block_size=p) for n in names}
         pred = _baseline_prediction(frame, model, peft[names[0]])
         if not frame[frame.method == "peft-c3a"].empty:

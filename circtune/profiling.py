@@ -125,7 +125,7 @@ def prepare(opts: ProfileOptions, command: str, *, tokens: int | None = None, lo
     from .models import resolve_model
     from .outputs import check_folder
     from .preflight import check_tokens_fit
-    from .space import DTYPES, load_space, resolve_dtype
+    from .space import DTYPES, load_space, lora_rank_for_budget, resolve_dtype
 
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
@@ -146,7 +146,7 @@ def prepare(opts: ProfileOptions, command: str, *, tokens: int | None = None, lo
     settings = ProfileSettings(tokens=tokens, dtypes=dtypes, device=device, timing=timing)
     ranks = list(opts.lora_ranks)
     if lora_budget is not None:  # the search's LoRA baseline: the rank that spends the budget on every target
-        ranks.append(max(1, lora_budget // sum(t.d_in + t.d_out for t in model.targets)))
+        ranks.append(lora_rank_for_budget(lora_budget, [t.shape for t in model.targets]))
     plans = plan_shapes(model, space, device, peft=None if opts.peft else False, lora_ranks=ranks)
     check_fit(plans, space, model, every_shape=more_checks is not None)
     check_tokens_fit(tokens, list(model.shapes), max(DTYPES[d].itemsize for d in dtypes),

@@ -375,6 +375,12 @@ def lora_rank_for(params: int, d_in: int, d_out: int) -> int:
     return max(1, round(params / (d_in + d_out)))
 
 
+def lora_rank_for_budget(budget: int, shapes: Sequence[tuple[int, int]]) -> int:
+    """The search's LoRA baseline: the largest rank whose ``r·Σ(d_in + d_out)`` over every target layer (one
+    shape per layer) fits ``budget`` (at least 1)."""
+    return max(1, budget // sum(d_in + d_out for d_in, d_out in shapes))
+
+
 def baselines(candidates: Sequence[Candidate], d_in: int, d_out: int, *, peft: bool,
               lora_ranks: Sequence[int] = ()) -> list[Candidate]:
     """What every run measures beside the candidates of one shape: the base layer, LoRA at the rank closest to

@@ -217,8 +217,10 @@ def _record(check: Check) -> list:
     torch.backends.cuda.matmul.allow_tf32 = check.dtype == "fp32-tf32"
     try:
         with _recording() as launches:
+            # The GEMM kernel-gradient route, always: the spectral routes are torch ops with no kernel to compile.
             y = block_circulant_linear(x, w, scale=0.5, weight=weight, bias=bias, forward_config=check.forward,
-                                       input_grad_config=check.forward, kernel_grad_config=check.kernel_grad)
+                                       input_grad_config=check.forward, kernel_grad_config=check.kernel_grad,
+                                       kernel_grad_route="gemm")
             y.backward(torch.ones_like(y))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -118,14 +118,31 @@ def autotune(key: tuple, candidates: Sequence[TileConfig], bench: Callable[[Tile
     return _CACHE[key]
 
 
-def select_tile(key: tuple, candidates: Sequence[TileConfig], time: Callable[[TileConfig], float]) -> TileConfig:
+_ROUTE_CACHE: dict[tuple, str] = {}
+
+
+def autotune_route(key: tuple, routes: Sequence[str], bench: Callable[[str], object], device: torch.device) -> str:
+    """The fastest of ``routes`` (different algorithms for one op, e.g. the kernel gradient as a GEMM or spectral)
+    for ``key`` on a CUDA ``device``, timed once and cached as :func:`autotune` does with tiles; a route that fails
+    is skipped. ``key`` must name what changes any route's speed besides the device (added here)."""
+    key = (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device), *key)
+    if key not in _ROUTE_CACHE:
+        _ROUTE_CACHE[key] = select_tile(
+            key, routes, lambda route: triton.testing.do_bench(lambda: bench(route), warmup=5, rep=25), name=str)
+    return _ROUTE_CACHE[key]
+
+
+def select_tile(key: tuple, candidates: Sequence, time: Callable[[object], float],
+                name: Callable[[object], str] | None = None):
     """The candidate with the smallest ``time(candidate)``, skipping those that fail.
 
     A tile that fails to compile or launch for any reason (too much shared memory on this GPU, a compiler error,
     ...) is skipped and logged once per tile and kind of failure; ``torch.cuda.OutOfMemoryError`` propagates (the
     problem, not the tile, is too big), and so do KeyboardInterrupt and SystemExit. When no tile works,
-    :class:`NoTileWorks` names the key and every tile's reason.
+    :class:`NoTileWorks` names the key and every tile's reason. ``name`` says how a candidate is named in the logs
+    and errors (tiles by their sizes; routes by ``str``).
     """
+    name = name or _tile_name
     times: dict[TileConfig, float] = {}
     reasons: dict[TileConfig, str] = {}
     for config in candidates:
@@ -136,14 +153,14 @@ def select_tile(key: tuple, candidates: Sequence[TileConfig], time: Callable[[Ti
         except Exception as e:  # noqa: BLE001 - any failure of one tile only removes that tile
             reason = _reason(e)
             reasons[config] = reason
-            _log_skip(key, config, e, reason)
+            _log_skip(key, config, e, reason, name)
             continue
         if not math.isfinite(elapsed):
             reasons[config] = f"timing returned {elapsed}"
             continue
         times[config] = elapsed
     if not times:
-        detail = "; ".join(f"{_tile_name(c)}: {r}" for c, r in reasons.items())
+        detail = "; ".join(f"{name(c)}: {r}" for c, r in reasons.items())
         raise NoTileWorks(f"no tile configuration works for {key}: {detail}")
     return min(times, key=times.get)
 
@@ -158,7 +175,7 @@ def _tile_name(c: TileConfig) -> str:
     return f"{c.block_m}x{c.block_n}x{c.block_k} warps={c.num_warps} stages={c.num_stages}{split}"
 
 
-def _log_skip(key: tuple, config: TileConfig, e: BaseException, reason: str) -> None:
+def _log_skip(key: tuple, config, e: BaseException, reason: str, name: Callable[[object], str]) -> None:
     # Once per (device, tile, kind of failure): a tile too big for a GPU's shared memory fails for every shape.
     once = (key[:2], config, type(e).__name__)
     if once in _LOGGED:
@@ -167,7 +184,7 @@ def _log_skip(key: tuple, config: TileConfig, e: BaseException, reason: str) -> 
     # Too little shared memory is expected on GPUs below the A100's 163 KiB (the lists are checked for sm_80 and
     # sm_90): informational. Anything else is a defect worth seeing.
     level = logging.INFO if isinstance(e, triton.runtime.errors.OutOfResources) else logging.WARNING
-    log.log(level, "tile %s skipped for %s: %s (logged once per tile and kind of failure)", _tile_name(config),
+    log.log(level, "tile %s skipped for %s: %s (logged once per tile and kind of failure)", name(config),
             key, reason)
 
 

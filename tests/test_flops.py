@@ -1,5 +1,6 @@
 """FLOP counts (fvcore forward, FlopCounterMode forward + backward) against the closed forms in measure.flops."""
 
+import importlib.util
 import math
 import os
 
@@ -203,28 +204,58 @@ def test_analytic_flops_rejects_bad_arguments(kwargs, match):
         analytic_flops(d_in=48, d_out=96, tokens=5, **kwargs)
 
 
+@pytest.mark.parametrize("route", ["gemm", "rfft", "dft"])
 @pytest.mark.parametrize("method,factors", [("c3a", None), ("cdvft", 2), ("cdvft", 3)])
 @pytest.mark.parametrize("shape,d_in,d_out,p", [((5, 48), 48, 96, 16), ((2, 3, 96), 96, 48, 24)])
-def test_triton_kernels_are_counted_by_every_counter(method, factors, shape, d_in, d_out, p):
+def test_triton_kernels_are_counted_by_every_counter(method, factors, shape, d_in, d_out, p, route, monkeypatch):
     """The kernels are custom ops with FLOP formulas: FlopCounterMode counts them exactly as the closed form says
-    (a bare launch would count 0, and the row's 'added' FLOPs would be negative); fvcore's forward trace runs the
-    plain-torch product, which counts the same. Under the interpreter on the CPU, compiled on a GPU."""
+    (a bare launch would count 0, and the row's 'added' FLOPs would be negative), for each kernel-gradient route the
+    backward takes; fvcore's forward trace runs the plain-torch product, which counts the same. Under the
+    interpreter on the CPU, compiled on a GPU."""
     pytest.importorskip("triton")
+    from circtune.kernels import block_circulant_linear as linear_module
+
+    monkeypatch.setattr(linear_module, "choose_kernel_grad_route", lambda *args: route)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layer = _make(method, d_in, d_out, p, "triton", "rfft", factors or 2).to(device)
     x, g = (t.to(device) for t in _inputs(shape, d_out))
     tokens = math.prod(shape[:-1])
-    expected = analytic_flops(method, d_in, d_out, tokens, block_size=p, factors=factors, backend="triton")
+    expected = analytic_flops(method, d_in, d_out, tokens, block_size=p, factors=factors, backend="triton",
+                              kernel_grad_route=route)
     counted = count_flops(layer, x, g)
     assert (counted.fwd, counted.fwd_bwd) == (expected.fwd, expected.fwd_bwd)
     with FlopCounterMode(display=False) as counter:  # a counter of one's own, no custom mapping
         layer(x).backward(g)
     ops = {str(op) for op in counter.get_flop_counts()["Global"]}
-    assert {"circtune.block_circulant_linear", "circtune.block_circulant_input_grad",
-            "circtune.block_circulant_kernel_grad"} <= ops
+    kgrad_op = "circtune.block_circulant_kernel_grad" + ("" if route == "gemm" else "_spectral")
+    assert {"circtune.block_circulant_linear", "circtune.block_circulant_input_grad", kgrad_op} <= ops
     assert counter.get_total_flops() == expected.fwd_bwd
     none = analytic_flops("none", d_in, d_out, tokens)
     assert expected.fwd_bwd > none.fwd_bwd and expected.fwd >= none.fwd  # never negative "added" FLOPs
+
+
+def test_kernel_gradient_route_rules_agree_and_spectral_is_cheaper_where_taken():
+    """The closed forms' rules are the modules' rules, and where a rule takes a spectral route its FLOPs are below
+    the GEMM form's (at every p >= 8 for the layer sizes of a real model)."""
+    from circtune.adapters import _circulant
+    from circtune.measure import flops
+
+    assert flops.SPECTRAL_MIN_P == _circulant.DENSE_SPECTRAL_MIN_P
+    if importlib.util.find_spec("triton") is not None:
+        from circtune.kernels import block_circulant_linear as linear_module
+
+        assert linear_module.SPECTRAL_MIN_P == flops.SPECTRAL_MIN_P
+        assert [linear_module.default_kernel_grad_route(p) for p in (1, 4, 7, 8, 12)] == \
+            ["gemm", "gemm", "gemm", "rfft", "rfft"]
+    for p in (8, 16, 64, 128, 1024):
+        q = 4096 // p
+        gemm = flops.spectral_kernel_grad_flops(4096, q, q, p, "gemm")
+        assert gemm == 2 * 4096 * 4096 * 4096
+        # rfft: 0.31 of the GEMM's FLOPs at p = 8, 0.02 at p = 128; dft (O(p) transforms): 0.32 and 0.08, 0.5 at 1024
+        assert flops.spectral_kernel_grad_flops(4096, q, q, p, "rfft") < 0.35 * gemm
+        assert flops.spectral_kernel_grad_flops(4096, q, q, p, "dft") < 0.55 * gemm
+    with pytest.raises(ValueError, match=r"transform='fft' is not supported; valid kernel-gradient routes"):
+        flops.spectral_kernel_grad_flops(8, 2, 2, 4, "fft")
 
 
 def test_triton_custom_ops_pass_torch_opcheck():
@@ -238,6 +269,9 @@ def test_triton_custom_ops_pass_torch_opcheck():
     x, w = torch.randn(7, 12, **kw, requires_grad=True), torch.randn(2, 3, 4, **kw, requires_grad=True)
     weight, bias, g = torch.randn(8, 12, **kw), torch.randn(8, **kw), torch.randn(7, 8, **kw)
     ops = torch.ops.circtune
-    torch.library.opcheck(ops.block_circulant_linear.default, (x, w, 0.5, weight, bias, [], [], []))
+    for route in ("", "gemm", "rfft", "dft"):
+        torch.library.opcheck(ops.block_circulant_linear.default, (x, w, 0.5, weight, bias, [], [], [], route))
     torch.library.opcheck(ops.block_circulant_input_grad.default, (g, w.detach(), 0.5, weight, []))
     torch.library.opcheck(ops.block_circulant_kernel_grad.default, (g, x.detach(), 4, 0.5, [16, 32, 32, 4, 1, 2]))
+    for transform in ("rfft", "dft"):
+        torch.library.opcheck(ops.block_circulant_kernel_grad_spectral.default, (g, x.detach(), 4, 0.5, transform))

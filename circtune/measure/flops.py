@@ -42,14 +42,23 @@ where, with ``n = q_out·q_in`` block pairs, the mixing is a loop of broadcast m
 ``corr`` = ``q_out·q_in·F·(8T − 2)`` (T multiplies, T − 1 additions in the token sum) or ``8·T·q_out·q_in·F``.
 Forward total G + Σ products; backward G + Σ products (the diagonals' multiplies are real, not counted).
 
-``c3a`` / ``cdvft``, backend ``dense``: ΔW is gathered (free) and, for CDVFT, chained: m − 2 products
+Kernel gradient of one product from x and g, ``S(q_in, q_out)`` (:func:`spectral_kernel_grad_flops`): spectral
+``rfft`` (``_circulant.spectral_kernel_grad``) ``T·(q_in + q_out)·R + corr + 2·q_out·q_in·F + q_out·q_in·I``;
+spectral ``dft`` (``_dft.dft_kernel_grad``) ``2·2F·p·T·(q_in + q_out) + 4·2F·T·q_out·q_in + 2·2F·p·q_out·q_in``;
+``gemm`` (``gᵀx``, or the triton kernel) ``2·T·d_in·d_out``.
+
+``c3a``, backend ``dense``: ΔW gathered (free) and added to W0 (real, not counted); forward G; backward G (input
+gradient through the folded matrix) + the kernel gradient: S for p >= 8 (``DENSE_SPECTRAL_MIN_P``), else the GEMM
+form. ``cdvft``, backend ``dense`` (autograd through the materialised chain): m − 2 products
 ``[d_out, d_out] @ [d_out, d_in]``, K = 2·d_out²·d_in each. Forward G + (m − 2)·K; backward 2·G (input and weight
 gradient of the one GEMM) + 2·(m − 2)·K.
 
 ``c3a`` / ``cdvft``, backend ``triton``: each circulant product is one implicit GEMM (custom ops whose FLOP formulas
 :mod:`circtune.kernels.block_circulant_linear` registers), 2·T·d_in·d_out for the first factor (W0 fused into it for
-C3A) and P = 2·T·d_out² for each later one; its input gradient the same, its kernel gradient the same again.
-C3A: forward G; backward 2·G. CDVFT (the frozen layer separate): forward G + F, backward G + 2·F, with
+C3A) and P = 2·T·d_out² for each later one; its input gradient the same; its kernel gradient by the route taken
+(``kernel_grad_route``; None: the rule off CUDA, ``rfft`` for p >= 8, else ``gemm``; on CUDA the autotuner
+picks, and the counted FLOPs follow its pick): the GEMM form or S of that product.
+C3A: forward G; backward G + S. CDVFT (the frozen layer separate): forward G + F, backward G + F + Σ S, with
 F = G + (m − 2)·P.
 
 ``peft-c3a`` (PEFT's C3ALinear, frozen base): full complex transforms and a bmm always, C = 5 p log2 p:
@@ -79,7 +88,11 @@ from fvcore.nn.jit_handles import (
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from ..adapters._circulant import _LOOP_MAX_PAIRS, check_transform
+from ..adapters._circulant import _LOOP_MAX_PAIRS, DENSE_SPECTRAL_MIN_P, check_transform
+
+# The triton backend's rule off CUDA (kernels/block_circulant_linear.SPECTRAL_MIN_P; that module needs Triton, this
+# one does not): the kernel gradient is spectral from this block size on.
+SPECTRAL_MIN_P = 8
 
 aten = torch.ops.aten
 METHODS = ("none", "lora", "c3a", "cdvft", "peft-c3a")
@@ -323,6 +336,21 @@ def _product_flops(tokens: int, q_in: int, q_out: int, p: int, transform: str) -
     return fwd, bwd
 
 
+def spectral_kernel_grad_flops(tokens: int, q_in: int, q_out: int, p: int, transform: str = "rfft") -> float:
+    """The kernel gradient from x and g: ``gemm`` (``2·T·d_in·d_out``), spectral ``rfft`` or ``dft``."""
+    pairs = q_in * q_out
+    if transform == "gemm":
+        return 2 * tokens * q_in * q_out * p * p
+    if transform == "dft":
+        two_f = 2 * (p // 2 + 1)
+        return 2 * two_f * p * tokens * (q_in + q_out) + 4 * two_f * tokens * pairs + 2 * two_f * p * pairs
+    if transform != "rfft":
+        raise ValueError(f"transform={transform!r} is not supported; valid kernel-gradient routes: gemm, rfft, dft")
+    freqs = p // 2 + 1
+    return (tokens * (q_in + q_out) * fft_flops(p, real=True) + _correlate(tokens, q_out, q_in, freqs)
+            + 2 * pairs * freqs + pairs * fft_flops(p, real=True))
+
+
 def _peft_c3a_flops(tokens: int, q_in: int, q_out: int, p: int) -> tuple[float, float]:
     r, c, mac = fft_flops(p, real=True), fft_flops(p, real=False), 8 * tokens * q_in * q_out * p
     fwd = (tokens * q_in + q_out * q_in) * r + mac + tokens * q_out * c
@@ -332,9 +360,10 @@ def _peft_c3a_flops(tokens: int, q_in: int, q_out: int, p: int) -> tuple[float, 
 
 def analytic_flops(method: str, d_in: int, d_out: int, tokens: int, *, block_size: int | None = None,
                    factors: int | None = None, transform: str = "rfft", backend: str = "torch",
-                   rank: int | None = None) -> FlopCounts:
+                   rank: int | None = None, kernel_grad_route: str | None = None) -> FlopCounts:
     """The closed forms of the module docstring: what :func:`count_flops` should report for ``method``'s layer on
-    ``tokens`` tokens of a frozen ``d_in → d_out`` linear, x requiring grad. ``factors`` (CDVFT) defaults to 2."""
+    ``tokens`` tokens of a frozen ``d_in → d_out`` linear, x requiring grad. ``factors`` (CDVFT) defaults to 2.
+    ``kernel_grad_route`` (backend triton: gemm, rfft or dft) defaults to the rule used off CUDA."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; valid methods: {', '.join(METHODS)}")
     gemm = 2 * tokens * d_in * d_out
@@ -356,13 +385,18 @@ def analytic_flops(method: str, d_in: int, d_out: int, tokens: int, *, block_siz
     if m < 2:
         raise ValueError(f"factors={m} is not supported for CDVFT: it needs an int >= 2")
     if backend == "dense":
+        if method == "c3a":
+            route = "rfft" if p >= DENSE_SPECTRAL_MIN_P else "gemm"
+            return FlopCounts(gemm, round(2 * gemm + spectral_kernel_grad_flops(tokens, q_in, q_out, p, route)))
         chain = (m - 2) * 2 * d_out * d_out * d_in
         return FlopCounts(gemm + chain, 3 * gemm + 3 * chain)
     if backend == "triton":
+        route = kernel_grad_route or ("rfft" if p >= SPECTRAL_MIN_P else "gemm")
+        kgrad = sum(spectral_kernel_grad_flops(tokens, qi, q_out, p, route) for qi in [q_in] + [q_out] * (m - 2))
         if method == "c3a":
-            return FlopCounts(gemm, 3 * gemm)
+            return FlopCounts(gemm, round(2 * gemm + kgrad))
         factors_flops = gemm + (m - 2) * 2 * tokens * d_out * d_out
-        return FlopCounts(gemm + factors_flops, 2 * gemm + 3 * factors_flops)
+        return FlopCounts(gemm + factors_flops, round(2 * gemm + 2 * factors_flops + kgrad))
     if backend != "torch":
         raise ValueError(f"backend={backend!r} has no closed form; valid backends: torch, dense, triton")
     check_transform(transform)

@@ -99,8 +99,79 @@ def _check_linear(w, x, weight, bias, scale, atol, rtol, **configs):
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_linear_matches_reference(shape, tokens, with_base, dtype, atol, rtol):
+    """The GEMM kernel-gradient route here (the spectral ones are torch ops: tested below without the kernels)."""
     w, x, weight, bias = _case(shape, tokens, dtype, with_base)
-    _check_linear(w, x, weight, bias, 1.0 / x.shape[1], atol, rtol)
+    _check_linear(w, x, weight, bias, 1.0 / x.shape[1], atol, rtol, kernel_grad_route="gemm")
+
+
+# fp16: the rfft route transforms in fp32 (fp16 tolerance is generous); dft runs its transforms as fp16 GEMMs.
+SPECTRAL_DTYPES = [(torch.float32, 2e-6, 1e-5), (torch.float16, 4e-3, 1e-2), (torch.float64, 1e-12, 1e-12)]
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", SPECTRAL_DTYPES)
+@pytest.mark.parametrize("route", ["rfft", "dft"])
+@pytest.mark.parametrize("shape", SHAPES + [(3, 5, 7), (2, 7, 12)])
+def test_spectral_kernel_gradient_op_matches_reference(shape, route, dtype, atol, rtol):
+    """The spectral kernel-gradient op against the float64 oracle (the gradient of x · (scale·C(w))ᵀ), odd and
+    non-power-of-two p, non-square both ways, up to 35 block pairs (bmm) and down to one (loop)."""
+    q_out, q_in, p = shape
+    x = torch.randn(13, q_in * p, device=DEVICE).to(dtype)
+    g = torch.randn(13, q_out * p, device=DEVICE).to(dtype)
+    w_ref = torch.zeros(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    (x.double() @ (0.3 * block_circulant_reference(w_ref)).T).backward(g.double())
+    dw = torch.ops.circtune.block_circulant_kernel_grad_spectral(g, x, p, 0.3, route)
+    assert dw.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert dw.isfinite().all()
+    _close(dw, w_ref.grad, atol, rtol, f"{route} kernel gradient")
+
+
+@pytest.mark.parametrize("route", ["rfft", "dft", None])
+@pytest.mark.parametrize("shape", [(2, 3, 5), (4, 3, 24), (3, 2, 16)])
+def test_linear_with_each_kernel_gradient_route_matches_reference(shape, route):
+    w, x, weight, bias = _case(shape, 7, torch.float32, True)
+    _check_linear(w, x, weight, bias, 0.25, *DTYPES[0][1:], kernel_grad_route=route)
+
+
+@pytest.mark.parametrize("route", ["rfft", "dft"])
+def test_gradcheck_float64_spectral_routes(route):
+    kw = {"dtype": torch.float64, "device": DEVICE, "requires_grad": True}
+    x, w = torch.randn(3, 3 * 6, **kw), torch.randn(2, 3, 6, **kw)
+    assert torch.autograd.gradcheck(lambda x, w: block_circulant_linear(x, w, scale=0.5, kernel_grad_route=route),
+                                    (x, w))
+
+
+def test_kernel_gradient_route_follows_the_rule_and_an_explicit_tile(monkeypatch):
+    """Off CUDA: GEMM below p = 8, rfft from 8 on; an explicit kernel-gradient tile means the GEMM route; a route
+    that takes no tile refuses one; an unknown route is named."""
+    from circtune.kernels import block_circulant_linear as linear_module
+
+    taken = []
+    run = linear_module._run_kernel_grad
+    monkeypatch.setattr(linear_module, "_run_kernel_grad", lambda route, *a: taken.append(route) or run(route, *a))
+    for p, config in ((5, None), (8, None), (24, None), (24, TileConfig(16, 16, 16))):
+        w, x, _, _ = _case((2, 3, p), 5, torch.float32, False)
+        block_circulant_linear(x.requires_grad_(), w.requires_grad_(), kernel_grad_config=config).sum().backward()
+    if DEVICE.type != "cuda":
+        assert taken == ["gemm", "rfft", "rfft", "gemm"]
+    else:
+        assert taken[-1] == "gemm"
+    with pytest.raises(ValueError, match=r"kernel_grad_config is a tile of the GEMM route; kernel_grad_route='dft'"):
+        block_circulant_linear(x, w, kernel_grad_config=TileConfig(16, 16, 16), kernel_grad_route="dft")
+    with pytest.raises(ValueError, match=r"kernel_grad_route='fft' is not supported; valid routes: None"):
+        block_circulant_linear(x, w, kernel_grad_route="fft")
+
+
+def test_select_tile_chooses_among_routes_by_name():
+    """autotune_route's selection: the fastest route, a failing one skipped, every reason named when none works."""
+    gpu = ("GPU", (9, 0))
+    assert _tuning.select_tile((*gpu, "route", 1), ["gemm", "rfft", "dft"],
+                               {"gemm": 3.0, "rfft": 1.0, "dft": 2.0}.__getitem__, name=str) == "rfft"
+
+    def failing(route):
+        raise RuntimeError(f"{route} broke")
+
+    with pytest.raises(_tuning.NoTileWorks, match=r"gemm: RuntimeError: gemm broke; rfft: RuntimeError: rfft broke"):
+        _tuning.select_tile((*gpu, "route", 2), ["gemm", "rfft"], failing, name=str)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
@@ -411,8 +482,8 @@ def test_autotune_keys_separate_call_sites_precision_and_dtypes(monkeypatch):
         for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False)):
             torch.backends.cuda.matmul.allow_tf32 = tf32
             xd = x.to(dtype).requires_grad_()
-            block_circulant_linear(xd, w.clone().requires_grad_(), weight=weight.to(dtype), bias=bias.to(dtype)) \
-                .sum().backward()
+            block_circulant_linear(xd, w.clone().requires_grad_(), weight=weight.to(dtype), bias=bias.to(dtype),
+                                   kernel_grad_route="gemm").sum().backward()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
     assert len(keys) == 9  # forward, input gradient, kernel gradient, three times

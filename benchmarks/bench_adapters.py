@@ -185,8 +185,16 @@ def kgrad_flops_analytic(tokens: int, d_in: int, d_out: int, p: int) -> dict[str
     two_f = 2 * (p // 2 + 1)
     reduce = 4 * two_f * tokens * pairs + 2 * two_f * p * pairs
     out["torch-dft"] = (reduce + 2 * two_f * p * tokens * (q_in + q_out), reduce)
-    out["dense"] = (2 * tokens * d_in * d_out,) * 2
-    out["triton"] = (2 * tokens * d_in * d_out,) * 2
+    from circtune.adapters._circulant import dense_kernel_grad_route
+    from circtune.measure.flops import spectral_kernel_grad_flops
+
+    # dense: spectral from x and g (nothing else in its step transforms them), or gᵀx for small p.
+    dense = spectral_kernel_grad_flops(tokens, q_in, q_out, p,
+                                       "rfft" if dense_kernel_grad_route(p) == "spectral" else "gemm")
+    out["dense"] = (dense, dense)
+    for route in ("gemm", "rfft", "dft"):  # triton: the route the autotuner (CUDA) or the rule (p >= 8: rfft) takes
+        flops = spectral_kernel_grad_flops(tokens, q_in, q_out, p, route)
+        out[f"triton-{route}"] = (flops, flops)
     return out
 
 
@@ -198,7 +206,7 @@ def kgrad_flops_counted(tokens: int, d_in: int, d_out: int, p: int) -> dict[str,
     from torch.utils.flop_counter import FlopCounterMode
 
     from circtune.adapters import _dft
-    from circtune.adapters._circulant import block_circulant_matrix, block_circulant_product
+    from circtune.adapters._circulant import block_circulant_product, dense_block_circulant_linear
     from circtune.adapters._dft import dft_kernel_grad, spectrum
     from circtune.measure.flops import FLOP_COUNTER_FORMULAS
 
@@ -229,16 +237,18 @@ def kgrad_flops_counted(tokens: int, d_in: int, d_out: int, p: int) -> dict[str,
     xs, gs = spectrum(x, p), spectrum(g, p)
     out["torch-dft"] = (from_xg, count(lambda: dft_kernel_grad(None, None, p, x_spec=xs, g_spec=gs)))
     w = torch.empty(d_out // p, d_in // p, p, **meta, requires_grad=True)
-    dense_w = block_circulant_matrix(w)
-    y = torch.nn.functional.linear(x, dense_w)
+    y = dense_block_circulant_linear(x, w)  # x needs no gradient: the backward is the kernel gradient alone
     dense = count(lambda: y.backward(g))
     out["dense"] = (dense, dense)
-    kgrad_op = getattr(getattr(torch.ops, "circtune", None), "block_circulant_kernel_grad", None)
+    ops = getattr(torch.ops, "circtune", None)
     try:
-        if kgrad_op is not None:
-            triton = count(lambda: kgrad_op(g, x, p, 1.0, []))
-            out["triton"] = (triton, triton)
-    except Exception as e:  # the op is another module's: say why it was left out, do not fail the table
+        if ops is not None and hasattr(ops, "block_circulant_kernel_grad_spectral"):
+            gemm = count(lambda: ops.block_circulant_kernel_grad(g, x, p, 1.0, []))
+            out["triton-gemm"] = (gemm, gemm)
+            for route in ("rfft", "dft"):
+                spectral = count(lambda route=route: ops.block_circulant_kernel_grad_spectral(g, x, p, 1.0, route))
+                out[f"triton-{route}"] = (spectral, spectral)
+    except Exception as e:  # the ops are another module's: say why they were left out, do not fail the table
         print(f"triton kernel gradient not counted: {type(e).__name__}: {e}")
     return out
 

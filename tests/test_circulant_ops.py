@@ -5,7 +5,15 @@ import torch
 from reference import assert_close, block_circulant_reference
 
 from circtune.adapters import TRANSFORMS, block_circulant_matrix, block_circulant_product, compute_dtype
-from circtune.adapters._circulant import block_circulant_product_dense
+from circtune.adapters._circulant import (
+    DENSE_SPECTRAL_MIN_P,
+    block_circulant_product_dense,
+    dense_block_circulant_linear,
+    dense_kernel_grad_route,
+    folded_weight,
+    gemm_kernel_grad,
+    spectral_kernel_grad,
+)
 
 # (q_out, q_in, p): square, non-square both ways, one block, non-power-of-two and odd p, many small blocks.
 KERNEL_SHAPES = [(2, 3, 5), (3, 2, 4), (1, 1, 6), (4, 4, 16), (2, 16, 48), (1, 1, 64), (8, 8, 8), (6, 5, 3)]
@@ -148,3 +156,60 @@ def test_bad_arguments_are_named():
         block_circulant_product(torch.randn(3, 8), w, transform="dct")
     with pytest.raises(ValueError, match=r"does not fit input of shape \(3, 12\)"):
         block_circulant_product(torch.randn(3, 12), w)
+
+
+# --- the dense backend's folded product and the two kernel-gradient forms --------------------------------------
+
+@pytest.mark.parametrize("shape", KERNEL_SHAPES + [(3, 5, 7), (2, 3, 12), (1, 2, 1)])
+def test_both_kernel_gradient_forms_match_reference(shape):
+    """spectral (rfft, loop and bmm mixing) and GEMM forms against the gradient of x·(scale·C(w))ᵀ in float64."""
+    q_out, q_in, p = shape
+    x = torch.randn(9, q_in * p, dtype=torch.float64)
+    g = torch.randn(9, q_out * p, dtype=torch.float64)
+    w_ref = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    (x @ (0.7 * block_circulant_reference(w_ref)).T).backward(g)
+    for form in (spectral_kernel_grad, gemm_kernel_grad):
+        dw = form(x, g, p, 0.7, out_dtype=torch.float64)
+        assert_close(dw, w_ref.grad, atol=1e-11, rtol=1e-11, what=form.__name__)
+    # fp32 inputs: fp32 math, close to the fp64 answer relative to its size.
+    dw32 = spectral_kernel_grad(x.float(), g.float(), p, 0.7)
+    assert dw32.dtype == torch.float32
+    assert_close(dw32, w_ref.grad, atol=2e-5 * float(w_ref.grad.abs().max()), rtol=1e-4, what="fp32 spectral")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (3, 2, 4), (1, 1, 6), (2, 5, 12), (4, 3, 3), (3, 2, 8), (5, 4, 1)])
+def test_dense_folded_product_matches_reference_and_gradchecks(shape):
+    """x·(W0 + scale·C(w))ᵀ + b: values and every gradient (x, w, W0, b) in float64, p below and above the
+    spectral threshold, non-square both ways, 3-D input."""
+    q_out, q_in, p = shape
+    kw = {"dtype": torch.float64, "requires_grad": True}
+    x, w = torch.randn(2, 3, q_in * p, **kw), torch.randn(shape, **kw)
+    weight, bias = torch.randn(q_out * p, q_in * p, **kw), torch.randn(q_out * p, **kw)
+    y = dense_block_circulant_linear(x, w, scale=0.3, weight=weight, bias=bias)
+    expected = x @ (weight + 0.3 * block_circulant_reference(w)).T + bias
+    assert_close(y, expected, atol=1e-12, rtol=1e-12, what="dense forward")
+    assert torch.autograd.gradcheck(
+        lambda *a: dense_block_circulant_linear(a[0], a[1], scale=0.3, weight=a[2], bias=a[3]), (x, w, weight, bias))
+    assert torch.autograd.gradcheck(lambda x, w: dense_block_circulant_linear(x, w, scale=0.3), (x, w))
+
+
+def test_dense_kernel_gradient_route_rule():
+    assert [dense_kernel_grad_route(p) for p in (1, 4, DENSE_SPECTRAL_MIN_P - 1, DENSE_SPECTRAL_MIN_P, 64)] == \
+        ["gemm", "gemm", "gemm", "spectral", "spectral"]
+
+
+def test_folded_weight_strided_and_low_precision():
+    """A non-contiguous kernel and a transposed (non-contiguous) weight are read correctly; a bf16 weight gives a
+    bf16 sum."""
+    w = torch.randn(3, 3, 12)[:, :2]  # [3, 2, 12], non-contiguous
+    folded = folded_weight(w, 0.5, None)
+    assert folded.is_contiguous() and folded.shape == (36, 24)
+    assert torch.equal(folded, 0.5 * block_circulant_matrix(w))
+    base = torch.randn(24, 36).T  # [36, 24] as a transposed view
+    assert_close(folded_weight(w, 0.5, base), base.double() + 0.5 * block_circulant_reference(w.double()),
+                 atol=1e-6, rtol=1e-6, what="strided weight")
+    base16 = torch.randn(36, 24, dtype=torch.bfloat16)
+    bf16 = folded_weight(w, 0.25, base16)
+    assert bf16.dtype == torch.bfloat16
+    assert_close(bf16, base16.double() + 0.25 * block_circulant_reference(w.double()), atol=2e-2, rtol=1e-2,
+                 what="bf16 weight")

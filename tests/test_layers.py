@@ -78,7 +78,8 @@ def test_cdvft_more_factors_match_reference(backend, transform, factors, d_in, d
 
 
 @pytest.mark.parametrize("backend, transform", PATHS)
-@pytest.mark.parametrize("method, factors", [("c3a", 1), ("cdvft", 2), ("cdvft", 3)])
+@pytest.mark.parametrize("method, factors", [("c3a", 1), ("cdvft", 2),
+                                            pytest.param("cdvft", 3, marks=pytest.mark.slow)])  # (minutes in all)
 @pytest.mark.parametrize("d_in, d_out, p", SMALL_SHAPES)
 def test_layer_gradcheck(backend, transform, method, factors, d_in, d_out, p):
     layer = _make(method, d_in, d_out, p, backend, transform, factors=max(factors, 2)).double()

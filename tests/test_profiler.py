@@ -170,6 +170,7 @@ def test_profile_on_cuda_in_bf16(tmp_path):
     assert all(m.peak_mem_mb > 0 and m.step.median > 0 and m.flops_fwd_bwd > 0 for m in result.measurements)
 
 
+@pytest.mark.slow  # a profile of hundreds of candidates end to end
 def test_memory_stays_flat_over_hundreds_of_candidates(tmp_path):
     import gc
     import os

@@ -174,6 +174,7 @@ TRITON_FAILED = {
 }
 
 
+@pytest.mark.slow  # a search end to end
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the faults are placed for the interpreter, which runs each "
                     "kernel once per call; on CUDA the kernels are compiled and autotuned (several launches, and "
                     "OutOfResources skips a tile configuration by design)")

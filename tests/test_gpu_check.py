@@ -100,6 +100,7 @@ def test_installable_leaves_out_other_interpreters_and_torch(tmp_path):
     assert any(n.startswith("torch-2.0") and "never installed" in n for n in notes)
 
 
+@pytest.mark.slow  # child processes
 def test_install_builds_circtune_even_when_a_wheel_is_broken(tmp_path):
     broken = tmp_path / "broken-1.0-py3-none-any.whl"
     broken.write_bytes(b"not a zip file")
@@ -112,6 +113,7 @@ def test_install_builds_circtune_even_when_a_wheel_is_broken(tmp_path):
     assert (site / "bin" / "circtune").is_file()
 
 
+@pytest.mark.slow  # child processes
 def test_environment_check_names_what_is_missing_in_one_entry(tmp_path):
     site = tmp_path / "site"
     (site / "fvcore").mkdir(parents=True)
@@ -150,6 +152,7 @@ def test_facts_headline_reads_nvidia_smi():
         "SM clock 345 MHz, SM max clock 1980 MHz")
 
 
+@pytest.mark.slow  # child processes
 def test_runner_kills_the_whole_process_group_at_the_limit(tmp_path):
     ctx = gpu_check.Context(ROOT, tmp_path, "tiny", "cpu", dict(os.environ), tmp_path / "site")
     pid_file = tmp_path / "child.pid"
@@ -177,6 +180,7 @@ def test_runner_kills_the_whole_process_group_at_the_limit(tmp_path):
     assert ctx.describe(rc) == "exit status 2: circtune search: error: budget 5 cannot be met"
 
 
+@pytest.mark.slow  # child processes
 def test_triton_warm_up_runs_in_the_background_and_is_accounted_for(tmp_path, monkeypatch):
     import gpu_warm_triton
 
@@ -267,6 +271,7 @@ def test_cpu_rehearsal_runs_every_stage_and_packs_one_archive(tmp_path):
         assert "wheels: 3 of 3 from whl/ installed" in summary
 
 
+@pytest.mark.slow  # child processes
 def test_a_failing_or_timed_out_stage_is_recorded_and_the_next_runs(tmp_path):
     out = tmp_path / "out"
     (tmp_path / "whl").mkdir()

@@ -47,6 +47,7 @@ def _profile(tmp_path, **kw):
 
 
 # ------------------------------------------------------------------------------------------ bug 1: broken context
+@pytest.mark.slow  # --isolate: child processes
 def test_a_broken_context_stops_the_run_with_one_line_and_isolate_carries_on(tmp_path, fresh_context):
     """Without --isolate: the candidate that broke the context is stored with its error, nothing after it runs on
     the broken context, and the run stops with one line saying to re-run with --isolate. The re-run with isolate
@@ -90,6 +91,7 @@ def test_cli_stops_with_one_line_and_exit_status_1(tmp_path, fresh_context, monk
                               "c3a p=16 dense (64x64, fp32)") and "re-run the same command with --isolate" in err[-1]
 
 
+@pytest.mark.slow  # --isolate: child processes
 def test_isolate_records_the_broken_context_and_a_fresh_child_carries_on(tmp_path, fresh_context):
     _, _, _, run = _profile(tmp_path)
     result = run(build=sticky_build, isolate=True)

@@ -364,6 +364,7 @@ def test_import_circtune_without_triton():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
+@pytest.mark.slow  # a child process
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter order matters only without CUDA")
 def test_interpreter_works_when_triton_was_imported_first():
     """torch.utils.flop_counter (imported by circtune.measure.flops) imports Triton before TRITON_INTERPRET can be

@@ -138,7 +138,7 @@ def _kernel_grad_spectral(g: torch.Tensor, x: torch.Tensor, block_size: int, sca
                          "valid transforms: rfft, dft")
     wide = torch.float64 if torch.float64 in (g.dtype, x.dtype) else torch.float32
     if transform == "rfft":
-        return spectral_kernel_grad(x, g, block_size, scale, out_dtype=wide)
+        return spectral_kernel_grad(x, g, block_size, scale, out_dtype=wide, physical_conj=True)
     return dft_kernel_grad(x, g.to(x.dtype), block_size, scale, out_dtype=wide)
 
 

@@ -273,5 +273,9 @@ def test_triton_custom_ops_pass_torch_opcheck():
         torch.library.opcheck(ops.block_circulant_linear.default, (x, w, 0.5, weight, bias, [], [], [], route))
     torch.library.opcheck(ops.block_circulant_input_grad.default, (g, w.detach(), 0.5, weight, []))
     torch.library.opcheck(ops.block_circulant_kernel_grad.default, (g, x.detach(), 4, 0.5, [16, 32, 32, 4, 1, 2]))
+    # Spectral kernel gradient: 6 block pairs (loop) and 30 (bmm); under AOT dispatch (torch.compile) a lazy conj
+    # view inside the op would be lost, which this catches.
+    g2, x2 = torch.randn(7, 40, **kw), torch.randn(7, 48, **kw)
     for transform in ("rfft", "dft"):
         torch.library.opcheck(ops.block_circulant_kernel_grad_spectral.default, (g, x.detach(), 4, 0.5, transform))
+        torch.library.opcheck(ops.block_circulant_kernel_grad_spectral.default, (g2, x2, 8, 0.5, transform))

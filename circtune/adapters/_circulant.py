@@ -320,7 +320,7 @@ def block_circulant_product_dense(x: torch.Tensor, w: torch.Tensor, *, scale: fl
 # --- the spectral kernel gradient, and the dense backend's folded product --------------------------------------
 
 def spectral_kernel_grad(x: torch.Tensor, g: torch.Tensor, p: int, scale: float = 1.0,
-                         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                         out_dtype: torch.dtype = torch.float32, *, physical_conj: bool = False) -> torch.Tensor:
     """``∂L/∂w [q_out, q_in, p]`` of ``y = scale · C(w) x`` from ``x [N, q_in·p]`` and ``g [N, q_out·p]`` through
     torch.fft: rfft of x and g (frequency-major above ``_LOOP_MAX_PAIRS`` block pairs), ``Σ_t conj(G)ᵀ X`` per
     frequency, one small irfft. ≈ ``8·N·q_out·q_in·(p/2+1)`` FLOPs of mixing (≈ 4·N·d_in·d_out/p) plus the two
@@ -328,12 +328,18 @@ def spectral_kernel_grad(x: torch.Tensor, g: torch.Tensor, p: int, scale: float 
     q_in, q_out = x.shape[-1] // p, g.shape[-1] // p
     real = compute_dtype(torch.float64 if torch.float64 in (x.dtype, g.dtype) else x.dtype, p, x.device)
     xb, gb = x.reshape(-1, q_in, p).to(real), g.reshape(-1, q_out, p).to(real)
+    # physical_conj: conjugate g's spectrum in place (one pass over it) instead of a lazy conjugate view. A custom
+    # op's implementation run by torch.compile's AOT dispatch loses the conj bit (and ihfft's conjugation), giving
+    # Σ G·X: the triton backend's op asks for it; the dense backend's Function keeps the free view.
     if q_out * q_in > _LOOP_MAX_PAIRS:
         x_spec, g_spec = _spectrum_fmajor(xb, "rfft"), _spectrum_fmajor(gb, "rfft")  # [F, N, q]
-        corr = torch.bmm(g_spec.transpose(1, 2).conj(), x_spec).permute(1, 2, 0)  # [q_out, q_in, F]
+        g_conj = g_spec.conj_physical_() if physical_conj else g_spec.conj()
+        corr = torch.bmm(g_conj.transpose(1, 2), x_spec).permute(1, 2, 0)  # [q_out, q_in, F]
     else:
         spec = _spectrum_dtype(real)
-        corr = _correlate(torch.fft.rfft(gb, dim=-1).to(spec), torch.fft.rfft(xb, dim=-1).to(spec))
+        g_spec, x_spec = torch.fft.rfft(gb, dim=-1).to(spec), torch.fft.rfft(xb, dim=-1).to(spec)
+        g_conj = g_spec.conj_physical_() if physical_conj else g_spec.conj()
+        corr = torch.stack([(g_conj[:, i : i + 1, :] * x_spec).sum(0) for i in range(q_out)])
     return _inverse_transform(corr * scale, p, "rfft").to(out_dtype)
 
 

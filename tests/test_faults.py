@@ -138,8 +138,11 @@ def triton_faults(monkeypatch):
     * cdvft p=32: no fault (the kernels still work after the others failed)."""
     pytest.importorskip("triton")
     from circtune.kernels import block_circulant_kernel_grad as kgrad
+    from circtune.kernels import block_circulant_linear as linear
     from circtune.kernels import block_circulant_matmul as matmul
 
+    # The kernel-gradient fault is placed in the GEMM route's kernel; off CUDA the rule would take the rfft route.
+    monkeypatch.setattr(linear, "default_kernel_grad_route", lambda p: "gemm")
     faults = Faults(monkeypatch, "triton", unavailable_reason=lambda device: None)
     plan = {(("c3a", 16), "matmul", 1): _compilation_error,
             (("cdvft", 16), "matmul", 1): _out_of_resources,

@@ -137,3 +137,54 @@ def test_a_worker_that_loses_the_race_to_create_the_tables_opens_the_store(tmp_p
     c3a = Candidate("c3a", 16, None, "rfft", "torch")
     assert store.add(ok(key(c3a), 5.0)) and store.get(key(c3a)).step.median == 5.0
     store.close()
+
+
+def test_opening_a_store_tries_again_when_sqlite_answers_locked_at_once(tmp_path, monkeypatch):
+    """Two workers opening a new SQLite database together can deadlock on its locks (switching it to WAL, or
+    creating the tables); SQLite then answers "database is locked" at once, without its busy timeout. Both places
+    must try again rather than fail the worker (a spawned search worker did on CI)."""
+    import sqlite3
+
+    import sqlalchemy.exc
+    from sqlalchemy import event
+
+    from circtune.measure import store as store_module
+
+    real_set_pragmas = store_module._set_pragmas
+    pragma_tries = []
+
+    class LockedOnce:  # the first PRAGMA journal_mode of the first connection is refused, as in the deadlock
+        def __init__(self, connection):
+            self.connection, self.cursor_ = connection, connection.cursor()
+
+        def cursor(self):
+            return self
+
+        def execute(self, sql):
+            if sql.startswith("PRAGMA journal_mode") and not pragma_tries:
+                pragma_tries.append(sql)
+                raise sqlite3.OperationalError("database is locked")
+            pragma_tries.append(sql)
+            return self.cursor_.execute(sql)
+
+        def close(self):
+            self.cursor_.close()
+
+    monkeypatch.setattr(store_module, "_set_pragmas", lambda conn, record: real_set_pragmas(LockedOnce(conn), record))
+    create_tries = []
+
+    def locked_once(metadata, connection, **kw):  # the CREATE refused once, as the driver's error reaches us
+        if kw.get("tables") and not create_tries:
+            create_tries.append(1)
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE", {}, sqlite3.OperationalError("database is locked"))
+
+    event.listen(store_module._Base.metadata, "before_create", locked_once)
+    try:
+        store = MeasurementStore(tmp_path / "new.db")
+    finally:
+        event.remove(store_module._Base.metadata, "before_create", locked_once)
+    assert pragma_tries[:2] == ["PRAGMA journal_mode=WAL"] * 2  # refused, then tried again
+    assert create_tries == [1]  # the CREATE was refused once, then the tables were created
+    c3a = Candidate("c3a", 16, None, "rfft", "torch")
+    assert store.add(ok(key(c3a), 5.0)) and store.get(key(c3a)).step.median == 5.0
+    store.close()

@@ -226,9 +226,29 @@ def _to_row(m: Measurement) -> _MeasurementRow:
                            timestamp=m.timestamp, settings=json.dumps(dict(m.settings), sort_keys=True))
 
 
+# How long a worker opening a SQLite store keeps trying when SQLite answers "database is locked" at once (the
+# connection's own busy timeout, 60 s, covers the waits SQLite does itself).
+_LOCKED_RETRY_S = 60.0
+
+
+def _is_locked(error: BaseException) -> bool:
+    return "database is locked" in str(error).lower()
+
+
 def _set_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # Switching a new database to WAL takes its exclusive lock. Two workers opening it together can each hold the
+    # shared lock that the other's switch waits for; SQLite breaks that deadlock by answering "database is locked"
+    # at once, without its busy timeout (seen on CI: a spawned search worker failed to open the store). Try again.
+    deadline = time.monotonic() + _LOCKED_RETRY_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except Exception as e:  # the driver's OperationalError
+            if not _is_locked(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 
@@ -305,16 +325,22 @@ def masked_url(url: str) -> str:
 def _create_tables(engine, attempts: int = 5) -> None:
     """Create circtune's tables where missing. Workers opening a new database together race between SQLAlchemy's
     look for a table and its CREATE: the loser sees "already exists" (SQLite, PostgreSQL) or a duplicate key in
-    PostgreSQL's catalogue, and looks again, when the tables are there."""
-    for attempt in range(attempts):
+    PostgreSQL's catalogue, and looks again, when the tables are there. SQLite may also answer "database is
+    locked" at once when the two deadlock on its locks: that is tried again for up to a minute."""
+    attempt, deadline = 0, time.monotonic() + _LOCKED_RETRY_S
+    while True:
         try:
             _Base.metadata.create_all(engine)
             return
         except DBAPIError as e:
             text = str(e.orig).lower()
-            if attempt == attempts - 1 or not ("already exists" in text or "duplicate key" in text):
+            if _is_locked(e.orig) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            attempt += 1
+            if attempt == attempts or not ("already exists" in text or "duplicate key" in text):
                 raise
-            time.sleep(0.05 * (attempt + 1))
+            time.sleep(0.05 * attempt)
 
 
 class MeasurementStore:

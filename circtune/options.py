@@ -71,14 +71,6 @@ def parse_budget(text: str | int) -> int:
     return value
 
 
-def format_count(n: float) -> str:
-    """1234567 -> '1.23M', 100000 -> '100k'."""
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{suffix}"
-    return str(int(n))
-
-
 def flag(name: str) -> str:
     """The command-line spelling of an option: ``min_fill`` -> ``--min-fill``."""
     return "--" + name.replace("_", "-")

@@ -29,7 +29,8 @@ class PreflightError(UsageError):
     """A value refused before anything is measured."""
 
 
-def _count(n: float) -> str:
+def format_count(n: float) -> str:
+    """1234567 -> '1.23M', 100000 -> '100k'."""
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= div:
             return f"{n / div:.3g}{suffix}"
@@ -107,7 +108,7 @@ def check_tokens_fit(tokens: int, shapes: Sequence[tuple[int, int]], dtype_bytes
         fits = memory_bytes // ((d_in + d_out) * dtype_bytes * _TENSORS_PER_STEP)
         raise PreflightError(f"--tokens {tokens:,}: one training step of the {d_in}x{d_out} layer needs at least "
                              f"{_bytes(need)}, more than the {_bytes(memory_bytes)} of {device}; use at most "
-                             f"{_count(fits)} tokens (a few thousand measure well)")
+                             f"{format_count(fits)} tokens (a few thousand measure well)")
 
 
 def max_positions(config) -> int | None:
@@ -138,10 +139,10 @@ def check_budget(budget: int, min_fill: float, layer_ranges: Sequence[tuple[int,
     smallest, largest = budget_range(layer_ranges)
     widest = math.floor(largest / min_fill) if min_fill > 0 else None
     if budget < smallest or (min_fill > 0 and math.ceil(min_fill * budget) > largest):
-        upper = f"{_count(widest)}" if widest is not None else "any"
+        upper = f"{format_count(widest)}" if widest is not None else "any"
         raise PreflightError(
-            f"budget {_count(budget)} cannot be met: {what} take from {smallest:,} to {largest:,} adapter parameters; "
-            f"budgets from {_count(smallest)} to {upper} work (--min-fill {min_fill:g})")
+            f"budget {format_count(budget)} cannot be met: {what} take from {smallest:,} to {largest:,} adapter "
+            f"parameters; budgets from {format_count(smallest)} to {upper} work (--min-fill {min_fill:g})")
 
 
 def describe_space_misfit(shapes: Mapping[tuple[int, int], Sequence[str]], source: str,

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from .models import TargetLayer
-from .options import OBJECTIVES, BudgetError, format_count
+from .options import OBJECTIVES, BudgetError
+from .preflight import format_count
 from .space import Candidate
 
 # Above this many parameter-total cells the knapsack table would not fit comfortably in memory.

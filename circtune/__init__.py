@@ -19,7 +19,7 @@ _LAZY = {
                   "cdvft_num_params"),
     ".adapters.inject": ("adapter_state_dict", "apply_adapter", "config_from_model", "load_adapter", "merge_adapter",
                          "save_adapter"),
-    ".config": ("FORMAT", "AdapterConfig", "AdapterConfigError", "LayerConfig", "load_config"),
+    ".adapters.config": ("FORMAT", "AdapterConfig", "AdapterConfigError", "LayerConfig", "load_config"),
     ".peft_interop": ("export_peft", "import_peft", "to_peft_config"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         c3a_num_params,
         cdvft_num_params,
     )
+    from .adapters.config import FORMAT, AdapterConfig, AdapterConfigError, LayerConfig, load_config
     from .adapters.inject import (
         adapter_state_dict,
         apply_adapter,
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
         save_adapter,
     )
     from .api import ProfileResult, SearchResult, profile, search
-    from .config import FORMAT, AdapterConfig, AdapterConfigError, LayerConfig, load_config
     from .errors import OptionError, UsageError
     from .options import ProfileOptions, SearchOptions
     from .peft_interop import export_peft, import_peft, to_peft_config

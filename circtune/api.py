@@ -60,7 +60,7 @@ class ProfileResult:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """``config``: the picked :class:`~circtune.config.AdapterConfig` (None only when another worker of the study
+    """``config``: the picked :class:`~circtune.AdapterConfig` (None only when another worker of the study
     wrote its outputs elsewhere: ``skipped`` says where); ``folder``; ``measurements``; ``trials`` and
     ``validation`` (as ``trials.csv`` and ``validation.csv``); ``report_path``; ``summary``: the pick's totals
     and times (what the command prints); ``written``: the files this call wrote."""
@@ -163,7 +163,7 @@ def _search(opts: SearchOptions) -> SearchResult:
 
 
 def _search_result(opts: SearchOptions, done: Profiled, summary: dict) -> SearchResult:
-    from .config import load_config
+    from .adapters.config import load_config
 
     out = done.out
     skipped = summary.get("skipped")

@@ -40,7 +40,7 @@ OBJECTIVES = ("latency", "memory", "balanced")
 SAMPLERS = ("tpe", "nsga2")
 PLOTLYJS = ("inline", "cdn")
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
-# The names circtune.config and circtune.space define (which import torch); a test keeps them equal.
+# The names circtune.adapters.config and circtune.space define (which import torch); a test keeps them equal.
 METHOD_CHOICES = ("c3a", "cdvft")
 BACKEND_CHOICES = ("torch", "dense", "triton")
 

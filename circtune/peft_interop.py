@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from .adapters.c3a import C3ALinear
+from .adapters.config import FORMAT, AdapterConfig, AdapterConfigError, load_config
 from .adapters.inject import HEADS_ATTR, WITHIN_ATTR, adapter_layers, config_from_model, heads_state_dict, load_state
 from .adapters.task import default_heads, resolve_prefix
 from .adapters.task import task_type as model_task_type
-from .config import FORMAT, AdapterConfig, AdapterConfigError, load_config
 
 _PEFT_PREFIX = "base_model.model."
 _PEFT_SUFFIX = ".c3a_kernel"

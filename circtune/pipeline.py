@@ -24,7 +24,7 @@ from ._search import (
     run_study,
     trials_frame,
 )
-from .config import AdapterConfig
+from .adapters.config import AdapterConfig
 from .cost import ok_table, summed_cost
 from .measure.store import MeasurementStore, masked_url, this_worker
 from .measure.timing import TimingSettings
@@ -34,11 +34,14 @@ from .outputs import record, same_identity, written_by
 from .problem import Assignment, Problem, build_problem, exact_optimum, neighbours, to_layer_map, uniform_c3a
 from .report.render import write_report
 from .space import DTYPES, Candidate, lora_rank_for_budget
-from .validate import Plan, Validation, baseline_plan, candidate_plan, validate
+from .validate import Plan, Validation, baseline_plan, candidate_label, candidate_plan, validate, within_noise
 
-VALIDATION_COLUMNS = ("label", "kind", "total_params", "predicted_overhead_ms", "predicted_step_ms",
-                      "measured_step_ms", "measured_step_ms_p25", "measured_step_ms_p75", "predicted_mem_mb",
-                      "measured_mem_mb", "picked", "status")
+# measured_overhead_ms*: the per-pair differences (adapted minus frozen step, timed side by side); overhead_pct: of
+# the frozen model's median step in the same window; within_noise_of_pick: validate.within_noise against the pick.
+VALIDATION_COLUMNS = ("label", "kind", "total_params", "predicted_overhead_ms", "measured_overhead_ms",
+                      "measured_overhead_ms_p25", "measured_overhead_ms_p75", "overhead_pct", "within_noise_of_pick",
+                      "measured_base_step_ms", "predicted_step_ms", "measured_step_ms", "measured_step_ms_p25",
+                      "measured_step_ms_p75", "predicted_mem_mb", "measured_mem_mb", "picked", "status")
 
 
 def whole_model_timing(device_type: str, min_time: float | None = None) -> TimingSettings:
@@ -84,24 +87,21 @@ def baseline_plans(model: ModelInfo, problem: Problem, frame: pd.DataFrame, budg
 
 def choose(top: Sequence[Assignment], measured: dict[str, Validation], objective: str) -> int:
     """Index into ``top`` (best predicted first) of the pick: the best measured one, where the measurement tells
-    them apart — a later one replaces the current pick only if its median beats the pick's 25th percentile
-    (latency) or its memory is lower by more than 1 % (memory); otherwise the better prediction stands."""
+    them apart — a later one replaces the current pick only if its median added time (paired with the frozen
+    model) is below the pick's 25th percentile (latency) or its memory is lower by more than 1 % (memory);
+    otherwise the better prediction stands. ``measured`` is keyed by :func:`validate.candidate_label`."""
     best = 0
     for i in range(1, len(top)):
-        a, b = measured.get(_label(i)), measured.get(_label(best))
-        if a is None or a.step is None:
+        a, b = measured.get(candidate_label(i)), measured.get(candidate_label(best))
+        if a is None or a.overhead is None:
             continue
-        if b is None or b.step is None:
+        if b is None or b.overhead is None:
             best = i
         elif objective == "memory" and a.mem_mb < 0.99 * b.mem_mb:
             best = i
-        elif objective != "memory" and a.step.median < b.step.p25:
+        elif objective != "memory" and a.overhead.median < b.overhead.p25:
             best = i
     return best
-
-
-def _label(i: int) -> str:
-    return "pick" if i == 0 else f"top-{i + 1}"
 
 
 def _plus(base: float | None, added: float | None) -> float | None:
@@ -109,15 +109,23 @@ def _plus(base: float | None, added: float | None) -> float | None:
 
 
 def validation_frame(results: Sequence[Validation], base: Validation | None, picked: str | None) -> pd.DataFrame:
-    """Predicted whole-model numbers are the measured base model's plus the summed per-layer additions, so that
-    they compare with the measured ones."""
+    """One row per validated plan. Predicted whole-model numbers are the frozen model's measured median step (of
+    the plan's own pairs, else the ``no adapter`` plan's) plus the summed per-layer additions, so that they compare
+    with the measured ones; ``within_noise_of_pick`` compares each paired added time with ``picked``'s."""
     base_ms = base.step.median if base and base.step else None
     base_mem = base.mem_mb if base else None
+    pick = next((v for v in results if v.label == picked), None)
     rows = []
     for v in results:
-        predicted_step = _plus(base_ms, v.predicted_overhead_ms)
+        own_base = v.base_step.median if v.base_step else base_ms
+        added = v.overhead
         rows.append({"label": v.label, "kind": v.kind, "total_params": v.total_params,
-                     "predicted_overhead_ms": v.predicted_overhead_ms, "predicted_step_ms": predicted_step,
+                     "predicted_overhead_ms": v.predicted_overhead_ms, "measured_overhead_ms": added and added.median,
+                     "measured_overhead_ms_p25": added and added.p25, "measured_overhead_ms_p75": added and added.p75,
+                     "overhead_pct": v.overhead_pct,
+                     "within_noise_of_pick": within_noise(added, pick.overhead if pick else None),
+                     "measured_base_step_ms": v.base_step and v.base_step.median,
+                     "predicted_step_ms": _plus(own_base, v.predicted_overhead_ms),
                      "measured_step_ms": v.step and v.step.median, "measured_step_ms_p25": v.step and v.step.p25,
                      "measured_step_ms_p75": v.step and v.step.p75,
                      "predicted_mem_mb": _plus(base_mem, v.predicted_mem_mb),
@@ -232,8 +240,8 @@ def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out
     if opts.validate:
         device = settings.device
         net = build_model(model.spec, device=device, dtype=DTYPES[dtype])
-        plans = [candidate_plan(_label(i), adapter_config(model, problem, a), a.params, a.step_ms, a.mem_mb)
-                 for i, a in enumerate(top)]
+        plans = [candidate_plan(candidate_label(i), adapter_config(model, problem, a), a.params, a.step_ms,
+                                a.mem_mb) for i, a in enumerate(top)]
         plans += baseline_plans(model, problem, here, opts.budget)
         timing = whole_model_timing(device.type, opts.validate_min_time)
         results = validate(net, [t.name for t in model.targets], plans, batch=batch, seq_len=seq_len,
@@ -243,8 +251,9 @@ def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out
     base_ms = base.step.median if base else None
     measured = {v.label: v for v in results if v.kind == "candidate"}
     index = choose(top, measured, opts.objective) if results else 0
-    pick, picked = top[index], measured.get(_label(index))
-    write_csv_atomic(validation_frame(results, base, _label(index)), out / "validation.csv")
+    pick, picked = top[index], measured.get(candidate_label(index))
+    write_csv_atomic(validation_frame(results, base, candidate_label(index)), out / "validation.csv")
+    added = picked.overhead if picked else None
     meta = {
         "model_spec": model.spec, "budget": opts.budget, "min_fill": opts.min_fill, "objective": opts.objective,
         "total_params": pick.params, "predicted_overhead_ms": pick.step_ms,
@@ -253,6 +262,9 @@ def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out
         "measured_step_ms": picked.step.median if picked and picked.step else None,
         "predicted_extra_mem_mb": pick.mem_mb, "predicted_mem_mb": _plus(base.mem_mb if base else None, pick.mem_mb),
         "measured_mem_mb": picked.mem_mb if picked else None,
+        "pick_label": candidate_label(index), "measured_overhead_ms": added and added.median,
+        "measured_overhead_ms_p25": added and added.p25, "measured_overhead_ms_p75": added and added.p75,
+        "measured_overhead_pct": picked.overhead_pct if picked else None,
         "device": info.to_dict(), "tokens": settings.tokens, "batch_size": batch, "seq_len": seq_len,
         "dtype": dtype, "command": command,
         "study": {"name": name, "storage": masked_url(storage), "trials": len(complete_trials(study)),

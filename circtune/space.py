@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .adapters import TRANSFORMS, c3a_num_params, cdvft_num_params, get_backend
-from .config import METHODS, LayerConfig
+from .adapters.config import METHODS, LayerConfig
 
 BASELINES = ("none", "lora", "peft-c3a")
 KNOWN_BACKENDS = ("torch", "dense", "triton")

@@ -1,14 +1,25 @@
-"""Validation: apply the best assignments and the baselines to the real model and time whole training steps.
+"""Validation: apply the best assignments and the baselines to the real model and time whole training steps,
+each one paired with the frozen model in the same window.
 
 The model is built with random weights on the device (:func:`circtune.models.build_model`), frozen, and fed
 ``inputs_embeds`` of ``[batch, seq_len, hidden]`` that require grad (every layer then passes its input gradient
 on, as in the per-layer profile), with a fixed upstream gradient on the last hidden state. A step is forward,
-backward and the AdamW update of the adapter parameters, timed and memory-measured exactly as the profiler times
-one layer (:mod:`circtune.measure.timing`, :mod:`circtune.measure.memory`).
+backward and the AdamW update of the adapter parameters, memory-measured as the profiler measures one layer
+(:mod:`circtune.measure.memory`).
+
+**Paired timing.** The profiler times each layer right after its frozen base layer, on the same input, in one
+window (:func:`circtune.measure.timing.paired_step_samples`); validation does the same for the whole model. A
+plan is applied once; its adapter modules and the original ``nn.Linear`` s are then swapped in and out of the same
+model instance, so that every repetition is one frozen step followed by one adapted step (A/B, A/B, ...), after
+warm-up, until the timing settings' repetitions and minimum time are met. What the plan adds is the median of the
+per-pair differences (adapted minus frozen), with their 25th and 75th percentiles as its spread: clock, thermal or
+load drift between plans cancels in each pair instead of leaking into the comparison. Both arms swap the same
+number of modules before their forward, so that cost cancels too. The ``no adapter`` plan pairs the frozen model
+with itself: its added time is the noise floor of the measurement.
 
 Candidates are applied with :func:`circtune.apply_adapter` (what a training script does); baselines replace the
-target ``nn.Linear`` s with LoRA / PEFT C3A layers (:mod:`circtune.measure.baselines`). After each measurement
-the original ``nn.Linear`` s are put back, so every assignment runs on the same weights.
+target ``nn.Linear`` s with LoRA / PEFT C3A layers (:mod:`circtune.measure.baselines`). After each plan the
+original ``nn.Linear`` s are put back, so every assignment runs on the same weights.
 
 Everything runs under ``torch.cuda.device`` of the model's device (see :mod:`circtune.measure.profiler`). A plan
 that breaks the CUDA context (a sticky CUDA error, raised again by every later kernel) is recorded with its error,
@@ -24,13 +35,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .adapters.config import AdapterConfig
 from .adapters.inject import _set_submodule, apply_adapter
-from .config import AdapterConfig
 from .measure import profiler
 from .measure.baselines import build_module
 from .measure.memory import peak_step_memory
 from .measure.profiler import NonFiniteError, device_scope, failure_status, is_sticky_cuda_error
-from .measure.timing import Spread, TimingSettings, time_step
+from .measure.timing import Spread, TimingSettings, paired_step_samples
 from .space import Candidate
 
 
@@ -68,9 +79,69 @@ class Validation:
     total_params: int
     predicted_overhead_ms: float | None
     predicted_mem_mb: float | None
-    step: Spread | None = None
+    step: Spread | None = None  # the adapted model's whole step
     mem_mb: float | None = None
     status: str = "ok"
+    base_step: Spread | None = None  # the frozen model's step, timed in the same pairs
+    overhead: Spread | None = None  # per-pair differences: what the plan adds to the frozen model's step
+
+    @property
+    def overhead_pct(self) -> float | None:
+        """The median added time as a percentage of the frozen model's median step in the same window."""
+        if self.overhead is None or self.base_step is None or self.base_step.median <= 0:
+            return None
+        return 100 * self.overhead.median / self.base_step.median
+
+
+def candidate_label(rank: int) -> str:
+    """The name of the ``rank``-th (from 0) best predicted assignment: ``predicted #1``, ``predicted #2``, ...
+    Which of them is the pick is said apart (validation.csv's ``picked``), since measurement may choose another."""
+    return f"predicted #{rank + 1}"
+
+
+def paired_overhead(base_ms: Sequence[float], adapted_ms: Sequence[float]) -> tuple[Spread, Spread, Spread]:
+    """(frozen step, adapted step, added time) from aligned samples: element i of both is repetition i's pair.
+    The added time is the spread of the per-pair differences (not the difference of the two medians)."""
+    if len(base_ms) != len(adapted_ms) or not base_ms:
+        raise ValueError(f"paired samples must be non-empty and aligned, got {len(base_ms)} and {len(adapted_ms)}")
+    diffs = [a - b for a, b in zip(adapted_ms, base_ms, strict=True)]
+    return Spread.of(base_ms), Spread.of(adapted_ms), Spread.of(diffs)
+
+
+def within_noise(a: Spread | None, b: Spread | None) -> bool | None:
+    """Whether two paired added times cannot be told apart: their 25th–75th percentile intervals of the per-pair
+    differences overlap (``a.p25 <= b.p75 and b.p25 <= a.p75``). None when either is unmeasured.
+
+    Why this rule: the interquartile range is what the report and validation.csv print, so a reader can check the
+    verdict by eye; it ignores the occasional slow step (a scheduler hiccup) that a min/max or mean rule would
+    follow; and it is conservative: with tens of pairs the median's own uncertainty is narrower than the IQR,
+    but two plans are timed in different windows, and drift between windows is not in either plan's spread, so a
+    tighter rule would call differences real that a re-run can reverse."""
+    if a is None or b is None:
+        return None
+    return a.p25 <= b.p75 and b.p25 <= a.p75
+
+
+class _Arm(nn.Module):
+    """One arm of the pairing: calling it installs its modules at the target names of the shared model (only
+    those not already there) and runs the model's step. Its parameters are its modules' (the adapters' when
+    trainable), so the timer's zeroing of gradients touches only them."""
+
+    def __init__(self, step: ModelStep, modules: Mapping[str, nn.Module]):
+        super().__init__()
+        self.installed = nn.ModuleList(modules.values())
+        self._names = list(modules)
+        self._step = (step,)  # a tuple: not registered, so the frozen model's parameters are not this arm's
+
+    def install(self) -> None:
+        model = self._step[0].model
+        for name, module in zip(self._names, self.installed, strict=True):
+            if model.get_submodule(name) is not module:
+                _set_submodule(model, name, module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.install()
+        return self._step[0](x)
 
 
 @dataclass(frozen=True)
@@ -111,7 +182,8 @@ def _restore(model: nn.Module, originals: Mapping[str, nn.Linear]) -> None:
 
 def validate(model: nn.Module, targets: Sequence[str], plans: Sequence[Plan], *, batch: int, seq_len: int,
              dtype: torch.dtype, timing: TimingSettings, progress: bool = True) -> list[Validation]:
-    """Measure one whole-model training step per plan (the base model's own step is the ``no adapter`` plan's).
+    """Time each plan's whole-model training step paired with the frozen model's (see the module docstring) and
+    measure its peak memory (the frozen model's own memory is the ``no adapter`` plan's).
     A plan that fails (out of memory, NaN/Inf in the output or the input gradient, a backend that fails to compile
     or launch, any other error) is recorded as ``failed: <reason>`` (the profiler's wording: ``out of memory: ...``,
     ``non-finite: ...``, ``<exception type>: ...``), its layers are taken off again and the others go on."""
@@ -144,7 +216,7 @@ def _validate_one(model: nn.Module, step_module: ModelStep, plan: Plan, x: torch
                   timing: TimingSettings, originals: Mapping[str, nn.Linear], device: torch.device) -> Validation:
     torch.manual_seed(0)
     try:
-        result = _measure_plan(model, step_module, plan, x, grad, timing)
+        result = _measure_plan(model, step_module, plan, x, grad, timing, originals)
     except Exception as e:  # out of memory, NaN/Inf, a backend that fails to compile or launch, ...
         reason = failure_status(e).removeprefix("error: ")
         result = Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms,
@@ -165,12 +237,16 @@ def _validate_one(model: nn.Module, step_module: ModelStep, plan: Plan, x: torch
 
 
 def _measure_plan(model: nn.Module, step_module: ModelStep, plan: Plan, x: torch.Tensor, grad: torch.Tensor,
-                  timing: TimingSettings) -> Validation:
+                  timing: TimingSettings, originals: Mapping[str, nn.Linear]) -> Validation:
     plan.apply(model)
+    adapted = {name: model.get_submodule(name) for name in originals}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
-    timing_result, _ = time_step(step_module, x, grad, optimizer, timing)
-    mem = peak_step_memory(step_module, x, grad, optimizer) / 2**20
+    base_arm, adapted_arm = _Arm(step_module, originals), _Arm(step_module, adapted)
+    base_ms, adapted_ms = paired_step_samples(base_arm, adapted_arm, x, grad, optimizer, timing)
+    base, step, added = paired_overhead(base_ms, adapted_ms)
+    adapted_arm.install()
+    mem = peak_step_memory(step_module, x, grad, optimizer) / 2**20  # one more step, whose x.grad is checked
     gradient_finite = x.grad is None or bool(torch.isfinite(x.grad).all())  # of the last step
     with torch.no_grad():
         if not torch.isfinite(step_module(x)).all():
@@ -178,4 +254,4 @@ def _measure_plan(model: nn.Module, step_module: ModelStep, plan: Plan, x: torch
     if not gradient_finite:
         raise NonFiniteError("the input gradient has NaN/Inf")
     return Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms, plan.predicted_mem_mb,
-                      timing_result.step, mem)
+                      step, mem, base_step=base, overhead=added)

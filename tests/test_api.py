@@ -20,7 +20,7 @@ SPACE = 'methods = ["c3a"]\nblock_sizes = [16, 32, 64]\ntransforms = ["rfft"]\nb
 
 
 def test_option_choices_are_the_vocabularies_of_config_and_space():
-    from circtune.config import METHODS
+    from circtune.adapters.config import METHODS
     from circtune.space import KNOWN_BACKENDS
 
     assert METHOD_CHOICES == METHODS and BACKEND_CHOICES == KNOWN_BACKENDS

@@ -25,8 +25,8 @@ import torch
 from tiny_models import crashing_build, poisoning_build, tiny_roberta
 
 from circtune.adapters import _backends
+from circtune.adapters.config import AdapterConfig
 from circtune.cli.main import main
-from circtune.config import AdapterConfig
 from circtune.measure import profiler
 from circtune.measure.device import describe_device
 from circtune.measure.profiler import ProfileSettings, jobs_for, plan_shapes, run_profile

@@ -10,7 +10,7 @@ import torch
 from gpu_fault_builds import ILLEGAL_ADDRESS, sticky_build
 
 from circtune.adapters import C3ALinear, CDVFTLinear, _backends
-from circtune.config import AdapterConfig
+from circtune.adapters.config import AdapterConfig
 from circtune.measure import profiler
 from circtune.measure.device import describe_device
 from circtune.measure.profiler import ContextBroken, ProfileSettings, measure_job, plan_shapes, run_profile

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from circtune._io import write_csv_atomic
-from circtune.config import AdapterConfig, LayerConfig
+from circtune.adapters.config import AdapterConfig, LayerConfig
 from circtune.measure.store import Measurement, MeasurementKey, to_frame
 from circtune.measure.timing import Spread
 from circtune.report.data import FolderError, build_report_data, load_folder, pareto_front, short_modules

@@ -20,10 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import AdapterConfig, AdapterConfigError, LayerConfig, load_config, problems_message
 from ._layer import CirculantLinear
 from .c3a import C3ALinear
 from .cdvft import CDVFTLinear
+from .config import AdapterConfig, AdapterConfigError, LayerConfig, load_config, problems_message
 from .task import default_heads, resolve_prefix
 
 WEIGHTS_FORMAT = "circtune.adapter-weights/1"

@@ -91,6 +91,7 @@ def check(config_arg: str, model_arg: str | None = None, weights: str | None = N
     """Validate and return the summary that ``circtune check`` prints; raises ValueError (or UsageError)."""
     import torch
 
+    from ..adapters.config import AdapterConfig, AdapterConfigError, problems_message
     from ..adapters.inject import (
         WEIGHTS_FORMAT,
         _read_weights,
@@ -99,7 +100,6 @@ def check(config_arg: str, model_arg: str | None = None, weights: str | None = N
         load_adapter,
         stored_config,
     )
-    from ..config import AdapterConfig, AdapterConfigError, problems_message
     from ..models import build_model
 
     path = config_path(config_arg)

@@ -17,7 +17,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .adapters import C3A_INITS, TRANSFORMS, available_backends
+from ._backends import available_backends
+from ._circulant import TRANSFORMS
+from .c3a import C3A_INITS
 
 FORMAT = "circtune.adapter/1"
 METHODS = ("c3a", "cdvft")

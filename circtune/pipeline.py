@@ -279,8 +279,8 @@ def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out
         shutil.rmtree(out / "peft")
     write_report(out, plotlyjs=opts.plotlyjs)
     written.append("report.html")
-    keys = ("total_params", "budget", "predicted_overhead_ms", "optimum_overhead_ms", "base_step_ms",
-            "predicted_step_ms", "measured_step_ms", "predicted_mem_mb", "measured_mem_mb")
+    keys = ("total_params", "budget", "predicted_overhead_ms", "measured_overhead_ms", "optimum_overhead_ms",
+            "base_step_ms", "predicted_step_ms", "measured_step_ms", "predicted_mem_mb", "measured_mem_mb")
     return {"printed": {k: meta[k] for k in keys}, "config": config, "written": written}
 
 

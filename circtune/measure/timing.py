@@ -93,33 +93,49 @@ def time_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, optimizer: 
     """Time ``settings.warmup`` + n repetitions of the training step of ``layer`` on ``x``'s device, each one
     preceded by a step of ``reference`` (no optimizer) when given. Returns (layer's timing, reference's)."""
     pairs = [(layer, optimizer)] if reference is None else [(reference, None), (layer, optimizer)]
+    samples = _warm_and_time(pairs, x, grad, settings)
+    timings = [StepTiming(Spread.of(f), Spread.of(b), Spread.of(s), len(s)) for f, b, s in samples]
+    return timings[-1], (timings[0] if reference is not None else None)
+
+
+def paired_step_samples(reference: nn.Module, layer: nn.Module, x: torch.Tensor, grad: torch.Tensor,
+                        optimizer: torch.optim.Optimizer | None, settings: TimingSettings = TimingSettings(),
+                        clock=time.perf_counter) -> tuple[list[float], list[float]]:
+    """The same paired loop as :func:`time_step` with a reference, returning the raw whole-step samples (ms) of
+    ``reference`` and ``layer``: element i of both lists is repetition i's pair (reference first), so that the
+    caller can take statistics of the per-pair differences. ``clock`` (seconds) times the CPU path."""
+    samples = _warm_and_time([(reference, None), (layer, optimizer)], x, grad, settings, clock)
+    return samples[0][2], samples[1][2]
+
+
+def _warm_and_time(pairs, x, grad, settings: TimingSettings, clock=time.perf_counter):
     for _ in range(settings.warmup):
         for module, opt in pairs:
             run_step(module, x, grad, opt)
-    timer = _time_cuda if x.device.type == "cuda" else _time_cpu
-    samples = timer(pairs, x, grad, settings)
-    timings = [StepTiming(Spread.of(f), Spread.of(b), Spread.of(s), len(s)) for f, b, s in samples]
-    return timings[-1], (timings[0] if reference is not None else None)
+    if x.device.type == "cuda":
+        return _time_cuda(pairs, x, grad, settings)
+    return _time_cpu(pairs, x, grad, settings, clock)
 
 
 def _enough(reps: int, elapsed: float, s: TimingSettings) -> bool:
     return reps >= s.max_reps or (reps >= s.min_reps and elapsed >= s.min_time_s)
 
 
-def _time_cpu(pairs, x, grad, s: TimingSettings) -> list[tuple[list[float], list[float], list[float]]]:
+def _time_cpu(pairs, x, grad, s: TimingSettings,
+              clock=time.perf_counter) -> list[tuple[list[float], list[float], list[float]]]:
     samples = [([], [], []) for _ in pairs]
-    start = time.perf_counter()
-    while not _enough(len(samples[0][2]), time.perf_counter() - start, s):
+    start = clock()
+    while not _enough(len(samples[0][2]), clock() - start, s):
         for (module, optimizer), (fwd, bwd, step) in zip(pairs, samples, strict=True):
             zero_grads(module, x)
-            t0 = time.perf_counter()
+            t0 = clock()
             y = module(x)
-            t1 = time.perf_counter()
+            t1 = clock()
             y.backward(grad)
-            t2 = time.perf_counter()
+            t2 = clock()
             if optimizer is not None:
                 optimizer.step()
-            t3 = time.perf_counter()
+            t3 = clock()
             del y
             fwd.append((t1 - t0) * 1e3)
             bwd.append((t2 - t1) * 1e3)

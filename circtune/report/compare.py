@@ -19,9 +19,9 @@ from typing import Any
 import plotly.graph_objects as go
 
 from .._io import write_text_atomic
-from ..cost import summed_cost
-from .data import RunFolder, layer_candidate, layer_shapes, load_folder, num, ok_table, run_frame
-from .render import esc, figure, note, page, table
+from ..cost import ok_table, summed_cost
+from .folder import RunFolder, layer_candidate, layer_shapes, load_folder, num, run_frame
+from .html import esc, figure, note, page, table
 
 _CHECKED = (("base_model", "model"), ("budget", "budget"), ("tokens", "tokens"), ("dtype", "dtype"))
 _METHOD_ORDER = ("none", "c3a", "cdvft", "lora", "peft-c3a")

@@ -1,17 +1,16 @@
-"""The data behind the report of one ``circtune search`` folder: pure functions from the loaded files to plain,
-JSON-serialisable dicts, one entry per chart or table. :mod:`circtune.report.render` only draws them.
+"""The data behind the report of one ``circtune search`` folder: pure functions from the loaded files
+(:mod:`circtune.report.folder`) to plain, JSON-serialisable dicts, one entry per chart or table.
+:mod:`circtune.report.render` only draws them.
 
-Units follow ``measurements.csv``: for adapters and the LoRA / PEFT baselines, times (ms) and memory (MiB) are what
-a layer *adds* to its frozen base layer's training step; the ``none`` rows are the base layer's absolute cost.
-Whole-model numbers come from ``validation.csv`` and the top-level keys of ``adapter_config.json``.
+Units follow ``measurements.csv`` (per layer: what an adapter adds to its frozen base layer). Whole-model numbers
+come from ``validation.csv`` and the top-level keys of ``adapter_config.json``; the verdict, the front and the
+allocation from :mod:`circtune.report.verdict`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,177 +18,26 @@ import pandas as pd
 
 from ..cost import ok_table
 from ..space import Candidate
+from .folder import (  # noqa: F401  (FolderError, load_folder, short_modules: this module's public names too)
+    ADAPTERS,
+    FolderError,
+    RunFolder,
+    flag,
+    integer,
+    layer_candidate,
+    layer_class,
+    layer_shapes,
+    load_folder,
+    num,
+    row_candidate,
+    run_frame,
+    short_modules,
+    split_layer_name,
+    text,
+)
 
-REQUIRED_FILES = ("adapter_config.json", "measurements.csv")
-ADAPTERS = ("c3a", "cdvft")
-_REQUIRED_COLUMNS = ("d_in", "d_out", "method", "block_size", "factors", "transform", "backend", "params", "step_ms",
-                     "status")
-_NUMERIC = ("d_in", "d_out", "tokens", "block_size", "factors", "params", "fwd_ms", "bwd_ms", "step_ms", "step_ms_p25",
-            "step_ms_p75", "peak_mem_mb", "flops_fwd", "flops_fwd_bwd", "layers", "reps")
-# Backends in the order a reader expects them side by side; others follow alphabetically.
 _VARIANT_ORDER = ("rfft/torch", "fft/torch", "dft/torch", "dense", "triton")
 _BASELINE_ORDER = ("no adapter", "lora", "peft", "uniform")
-
-
-class FolderError(ValueError):
-    """A folder that is not a usable ``circtune search`` output; names the folder and the file."""
-
-
-@dataclass(frozen=True)
-class RunFolder:
-    """The loaded files of one search folder; the optional ones are None when absent."""
-
-    path: str
-    config: dict[str, Any]  # adapter_config.json as JSON (not validated against this machine's backends)
-    measurements: pd.DataFrame
-    profile: dict[str, Any] | None = None
-    trials: pd.DataFrame | None = None
-    validation: pd.DataFrame | None = None
-
-
-# --------------------------------------------------------------------------------------------------- loading
-def _read_json(path: Path, folder: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FolderError(f"{folder}: {path.name} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise FolderError(f"{folder}: {path.name} should hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _read_csv(path: Path, folder: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise FolderError(f"{folder}: {path.name} is not a readable CSV: {str(e).splitlines()[0]}") from None
-
-
-def normalise_measurements(frame: pd.DataFrame, source: str = "measurements.csv") -> pd.DataFrame:
-    """Strings with '' for missing, numbers as floats (NaN for missing); refuses a table without the key columns."""
-    missing = [c for c in _REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise FolderError(f"{source}: missing column(s) {', '.join(missing)}")
-    out = frame.copy()
-    for col in ("model", "dtype", "method", "transform", "backend", "status", "device_name", "device_fingerprint"):
-        if col in out.columns:
-            out[col] = out[col].fillna("").astype(str)
-    for col in _NUMERIC:
-        if col in out.columns:
-            out[col] = pd.to_numeric(out[col], errors="coerce").astype(float)
-    return out
-
-
-def load_folder(path: str | Path) -> RunFolder:
-    """Read a search folder; refuses one without adapter_config.json or measurements.csv."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FolderError(f"{folder}: not a folder (expected the output folder of 'circtune search')")
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-    if missing:
-        raise FolderError(f"{folder}: missing {' and '.join(missing)}; is this the output folder of 'circtune search'?")
-    config = _read_json(folder / "adapter_config.json", folder)
-    if not isinstance(config.get("layers"), Mapping) or not config["layers"]:
-        raise FolderError(f"{folder}: adapter_config.json has no 'layers' object")
-    measurements = normalise_measurements(_read_csv(folder / "measurements.csv", folder),
-                                          f"{folder}/measurements.csv")
-    optional = {name: folder / name for name in ("profile.json", "trials.csv", "validation.csv")}
-    return RunFolder(
-        path=str(folder), config=config, measurements=measurements,
-        profile=_read_json(optional["profile.json"], folder) if optional["profile.json"].is_file() else None,
-        trials=_read_csv(optional["trials.csv"], folder) if optional["trials.csv"].is_file() else None,
-        validation=_read_csv(optional["validation.csv"], folder) if optional["validation.csv"].is_file() else None)
-
-
-# --------------------------------------------------------------------------------------------------- helpers
-def num(v: Any) -> float | None:
-    """A JSON-safe float: None for missing, NaN and infinities."""
-    if v is None or isinstance(v, str) and not v.strip():
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def integer(v: Any) -> int | None:
-    f = num(v)
-    return None if f is None else int(round(f))
-
-
-def _bool(v: Any) -> bool:
-    return str(v).strip().lower() in ("true", "1", "yes")
-
-
-def _text(v: Any) -> str:
-    return "" if v is None or isinstance(v, float) and math.isnan(v) else str(v)
-
-
-def row_candidate(row: Mapping[str, Any]) -> Candidate:
-    """The candidate of a measurement row (the key shared with the search)."""
-    return Candidate.from_row(row)
-
-
-def layer_candidate(layer: Mapping[str, Any]) -> Candidate:
-    """The candidate an adapter_config.json layer entry names."""
-    return Candidate.from_layer(layer)
-
-
-def layer_class(c: Candidate) -> str:
-    """What the per-layer map colours by: method and block size."""
-    return f"{c.method} p={c.block_size}"
-
-
-def split_layer_name(name: str) -> tuple[int | None, str]:
-    """``encoder.layer.17.attention.self.query`` -> (17, ``encoder.layer.attention.self.query``)."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return int(part), ".".join(parts[:i] + parts[i + 1:])
-    return None, name
-
-
-def short_modules(paths: Sequence[str]) -> dict[str, str]:
-    """The shortest dotted suffix of each path that no other path ends with (``...self.query`` -> ``query``)."""
-    unique = list(dict.fromkeys(paths))
-    split = {p: p.split(".") for p in unique}
-    out = {}
-    for p in unique:
-        for k in range(1, len(split[p]) + 1):
-            suffix = split[p][-k:]
-            if not any(q != p and split[q][-k:] == suffix for q in unique):
-                break
-        out[p] = ".".join(suffix)
-    return out
-
-
-def run_frame(run: RunFolder) -> tuple[pd.DataFrame, list[str]]:
-    """The measurement rows this run's search used (its model, tokens, dtype and device), and notes on what was
-    left out."""
-    frame, notes, cfg = run.measurements, [], run.config
-    device = cfg.get("device") if isinstance(cfg.get("device"), Mapping) else {}
-    for col, want in (("model", cfg.get("base_model")), ("tokens", cfg.get("tokens")), ("dtype", cfg.get("dtype")),
-                      ("device_fingerprint", device.get("fingerprint"))):
-        if want is None or col not in frame.columns:
-            continue
-        keep = frame[col] == (float(want) if col == "tokens" else str(want))
-        if keep.any() and not keep.all():
-            notes.append(f"measurements.csv: {int((~keep).sum())} row(s) with another {col} than {want!r} left out")
-            frame = frame[keep]
-    return frame, notes
-
-
-def layer_shapes(run: RunFolder, frame: pd.DataFrame) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) per target layer: from profile.json, or the single shape of the measurements."""
-    targets = ((run.profile or {}).get("model") or {}).get("targets") or []
-    shapes = {t["name"]: (int(t["d_in"]), int(t["d_out"])) for t in targets if {"name", "d_in", "d_out"} <= set(t)}
-    if not shapes:
-        unique = frame[["d_in", "d_out"]].dropna().drop_duplicates()
-        if len(unique) == 1:
-            shape = (int(unique.d_in.iloc[0]), int(unique.d_out.iloc[0]))
-            shapes = {name: shape for name in run.config.get("layers", {})}
-    return shapes
 
 
 def pareto_front(points: Sequence[Mapping[str, Any]], x: str = "params", y: str = "step_ms") -> list[dict]:
@@ -227,18 +75,18 @@ def _device(run: RunFolder, frame: pd.DataFrame) -> dict[str, Any]:
     if not dev and len(frame) and "device_name" in frame.columns:
         first = frame.iloc[0]
         dev = {"name": first.get("device_name"), "fingerprint": first.get("device_fingerprint")}
-    return {"name": _text(dev.get("name")) or "unknown device", "kind": _text(dev.get("kind")),
-            "index": dev.get("index"), "fingerprint": _text(dev.get("fingerprint")),
-            "properties": [[str(k), _text(v)] for k, v in (dev.get("properties") or {}).items()],
-            "software": [[str(k), _text(v)] for k, v in (dev.get("software") or {}).items()]}
+    return {"name": text(dev.get("name")) or "unknown device", "kind": text(dev.get("kind")),
+            "index": dev.get("index"), "fingerprint": text(dev.get("fingerprint")),
+            "properties": [[str(k), text(v)] for k, v in (dev.get("properties") or {}).items()],
+            "software": [[str(k), text(v)] for k, v in (dev.get("software") or {}).items()]}
 
 
 def _header(run: RunFolder, frame: pd.DataFrame) -> dict[str, Any]:
     cfg = run.config
-    return {"model": _text(cfg.get("base_model")), "budget": integer(cfg.get("budget")),
+    return {"model": text(cfg.get("base_model")), "budget": integer(cfg.get("budget")),
             "total_params": integer(cfg.get("total_params")), "tokens": integer(cfg.get("tokens")),
-            "dtype": _text(cfg.get("dtype")), "command": _text(cfg.get("command")),
-            "objective": _text(cfg.get("objective")), "min_fill": num(cfg.get("min_fill")),
+            "dtype": text(cfg.get("dtype")), "command": text(cfg.get("command")),
+            "objective": text(cfg.get("objective")), "min_fill": num(cfg.get("min_fill")),
             "batch_size": integer(cfg.get("batch_size")), "seq_len": integer(cfg.get("seq_len")),
             "study": cfg.get("study") if isinstance(cfg.get("study"), Mapping) else None,
             "device": _device(run, frame), "folder": run.path}
@@ -311,11 +159,11 @@ def _bars(run: RunFolder, notes: list[str]) -> list[dict[str, Any]]:
         return bars
     rows = []
     for i, row in enumerate(run.validation.to_dict("records")):
-        label, kind = _text(row.get("label")), _text(row.get("kind")) or "candidate"
-        rows.append((kind != "candidate", not _bool(row.get("picked")),
+        label, kind = text(row.get("label")), text(row.get("kind")) or "candidate"
+        rows.append((kind != "candidate", not flag(row.get("picked")),
                      _baseline_rank(label) if kind != "candidate" else 0, i,
-                     {"label": label, "kind": kind, "picked": _bool(row.get("picked")),
-                      "status": _text(row.get("status")) or "ok", **{c: num(row.get(c)) for c in cols}}))
+                     {"label": label, "kind": kind, "picked": flag(row.get("picked")),
+                      "status": text(row.get("status")) or "ok", **{c: num(row.get(c)) for c in cols}}))
     failed = [f"{r[-1]['label']} ({r[-1]['status']})" for r in rows if r[-1]["status"] != "ok"]
     if failed:
         notes.append(f"whole-model validation failed for {len(failed)} assignment(s): {'; '.join(failed)}")
@@ -361,9 +209,9 @@ def _landscape(frame: pd.DataFrame, table, picked: dict[tuple[int, int], dict[st
                       "fewest": fewest and {k: fewest[k] for k in ("label", "flops_added", "step_ms")},
                       "fastest": fastest and {k: fastest[k] for k in ("label", "flops_added", "step_ms")},
                       "base_counted": base_flops is not None},
-            "failed": [{"label": row_candidate(r).label, "status": _text(r.get("status"))}
+            "failed": [{"label": row_candidate(r).label, "status": text(r.get("status"))}
                        for r in failed.to_dict("records")],
-            "excluded": [{"what": _text(e.get("what")), "reason": _text(e.get("reason"))}
+            "excluded": [{"what": text(e.get("what")), "reason": text(e.get("reason"))}
                          for e in excluded.get(key, []) if isinstance(e, Mapping)],
             "backends": _backends(points)})
     return out
@@ -387,11 +235,11 @@ def _search(trials: pd.DataFrame | None, notes: list[str]) -> dict[str, Any] | N
         return None
     rows = []
     for r in trials.to_dict("records"):
-        rows.append({"number": integer(r.get("number")), "state": _text(r.get("state")) or "COMPLETE",
-                     "source": _text(r.get("source")), "label": _text(r.get("label")),
+        rows.append({"number": integer(r.get("number")), "state": text(r.get("state")) or "COMPLETE",
+                     "source": text(r.get("source")), "label": text(r.get("label")),
                      "step_ms": num(r.get("step_ms")), "mem_mb": num(r.get("mem_mb")),
-                     "total_params": integer(r.get("total_params")), "feasible": _bool(r.get("feasible")),
-                     "pareto": _bool(r.get("pareto"))})
+                     "total_params": integer(r.get("total_params")), "feasible": flag(r.get("feasible")),
+                     "pareto": flag(r.get("pareto"))})
     rows.sort(key=lambda r: (r["number"] is None, r["number"] or 0))
     best, history = math.inf, []
     for r in rows:
@@ -425,14 +273,14 @@ def _method(run: RunFolder, frame: pd.DataFrame) -> dict[str, Any]:
     versions = {}
     for col in ("torch_version", "triton_version", "circtune_version"):
         if col in frame.columns:
-            versions[col.removesuffix("_version")] = sorted({_text(v) for v in frame[col].dropna() if _text(v)})
-    stamps = sorted(_text(v) for v in frame.timestamp.dropna()) if "timestamp" in frame.columns else []
+            versions[col.removesuffix("_version")] = sorted({text(v) for v in frame[col].dropna() if text(v)})
+    stamps = sorted(text(v) for v in frame.timestamp.dropna()) if "timestamp" in frame.columns else []
     space = prof.get("space") if isinstance(prof.get("space"), Mapping) else {}
     return {"timing": prof.get("timing") if isinstance(prof.get("timing"), Mapping) else None,
             "reps": [integer(reps.min()), integer(reps.max())] if len(reps) else None,
             "rows": len(frame), "ok": int((frame.status == "ok").sum()),
-            "profile_command": _text(prof.get("command")), "search_command": _text(run.config.get("command")),
-            "space": _text(space.get("description") or space.get("source")), "store": _text(prof.get("store")),
+            "profile_command": text(prof.get("command")), "search_command": text(run.config.get("command")),
+            "space": text(space.get("description") or space.get("source")), "store": text(prof.get("store")),
             "counts": {k: integer(prof.get(k)) for k in ("measured", "reused", "failed") if k in prof},
             "versions": versions, "timestamps": [stamps[0], stamps[-1]] if stamps else None}
 

@@ -2,11 +2,15 @@
 solution.
 
 The profiler's measurements give, for every target layer, its options: the candidates measured ``ok`` for its
-shape, each with parameters, added step time and added memory. An assignment picks one option per layer; its
-predicted cost is the sum over layers (additive model). Constraint: ``min_fill·budget ≤ Σ params ≤ budget``.
-:func:`exact_optimum` solves the additive problem exactly: a multiple-choice knapsack, dynamic programming over
-parameter totals (in units of the gcd of every option's count), minimising the summed step time. :func:`repair`
-moves a proposal into the budget window; the Optuna study around it is :mod:`circtune._search`.
+shape, each with parameters, added step time and added memory. Each option also carries its
+*capacity*: the share of the layer's gradient energy that the option's updates can express, weighted by the layer's
+share of the model's gradient energy (:mod:`circtune.capacity`; 0 when unknown). An assignment picks one option
+per layer; its predicted cost and its capacity are sums over layers (additive model). Constraint:
+``min_fill·budget ≤ Σ params ≤ budget``. :func:`exact_optimum` solves the latency-only problem exactly: a
+multiple-choice knapsack, dynamic programming over parameter totals (in units of the gcd of every option's count),
+minimising the summed step time. :func:`repair` moves a proposal into the budget window. The capacity-aware rules
+(balance windows per layer, the exact time-versus-capacity front and the pick) are :mod:`circtune.allocation`; the
+Optuna study around them is :mod:`circtune._search`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -24,6 +29,9 @@ from .models import TargetLayer
 from .options import OBJECTIVES, BudgetError
 from .preflight import format_count
 from .space import Candidate
+
+if TYPE_CHECKING:
+    from .capacity import Capacity
 
 # Above this many parameter-total cells the knapsack table would not fit comfortably in memory.
 _MAX_CELLS = 4_000_000
@@ -35,6 +43,7 @@ class Option:
     params: int
     step_ms: float
     mem_mb: float
+    capacity: float = 0.0  # the layer's energy share x the option's captured fraction; 0 when unknown
 
     @property
     def label(self) -> str:
@@ -61,12 +70,16 @@ def options_by_shape(frame: pd.DataFrame, *, methods: Sequence[str] | None = Non
 
 @dataclass(frozen=True)
 class Problem:
-    """One option list per target layer and the parameter window [lo, hi]."""
+    """One option list per target layer and the parameter window [lo, hi]. ``allocation`` names the rule that
+    restricted the options (:mod:`circtune.allocation`; ``free``: none) and ``windows`` its per-layer parameter
+    windows (None when free)."""
 
     layers: tuple[TargetLayer, ...]
     options: tuple[tuple[Option, ...], ...]  # per layer
     budget: int
     min_fill: float
+    allocation: str = "free"
+    windows: tuple[tuple[float, float], ...] | None = None
 
     @property
     def lo(self) -> int:
@@ -81,6 +94,10 @@ class Problem:
         opts = [self.options[i][k] for i, k in enumerate(choice)]
         return sum(o.params for o in opts), sum(o.step_ms for o in opts), sum(o.mem_mb for o in opts)
 
+    def capacity(self, choice: Sequence[int]) -> float:
+        """The captured capacity of an assignment: the sum of its options' capacities."""
+        return math.fsum(self.options[i][k].capacity for i, k in enumerate(choice))
+
     def feasible(self, params: int) -> bool:
         return self.lo <= params <= self.hi
 
@@ -89,17 +106,21 @@ class Problem:
         return tuple(sorted(Counter((layer.shape, k) for layer, k in zip(self.layers, choice, strict=True)).items()))
 
     def key(self) -> str:
-        """A short digest of what the study chooses from (layers and their options) and the budget window."""
-        h = hashlib.sha256(f"{self.budget}:{self.min_fill}".encode())
+        """A short digest of what the study chooses from (layers, their options and the options' capacities), the
+        budget window and the allocation rule."""
+        h = hashlib.sha256(f"{self.budget}:{self.min_fill}:{self.allocation}".encode())
         for layer, opts in zip(self.layers, self.options, strict=True):
-            h.update(f"{layer.name}:{'|'.join(o.label for o in opts)}".encode())
+            h.update(f"{layer.name}:{'|'.join(f'{o.label}={o.capacity:.9g}' for o in opts)}".encode())
         return h.hexdigest()[:10]
 
 
 def build_problem(layers: Sequence[TargetLayer], frame: pd.DataFrame, budget: int, min_fill: float = 0.9, *,
-                  methods: Sequence[str] | None = None, backends: Sequence[str] | None = None) -> Problem:
+                  methods: Sequence[str] | None = None, backends: Sequence[str] | None = None,
+                  capacity: Capacity | None = None) -> Problem:
     """The search problem for ``layers`` from the measurement frame; errors if a shape has no usable option or if
-    no assignment can meet the budget window (stating the smallest and largest feasible totals)."""
+    no assignment can meet the budget window (stating the smallest and largest feasible totals). With
+    ``capacity``, every option's capacity is ``capacity.score(layer, candidate)`` (per layer: the energy is the
+    layer's); without, 0."""
     if not 0 <= min_fill <= 1:
         raise BudgetError(f"min fill must be within [0, 1], got {min_fill}")
     by_shape = options_by_shape(frame, methods=methods, backends=backends)
@@ -108,7 +129,12 @@ def build_problem(layers: Sequence[TargetLayer], frame: pd.DataFrame, budget: in
         shapes = ", ".join(f"{a}x{b}" for a, b in missing)
         raise ValueError(f"no measured adapter option for shape(s) {shapes} (methods {', '.join(methods or ())}"
                          f"{'; backends ' + ', '.join(backends) if backends else ''}): see measurements.csv status")
-    problem = Problem(tuple(layers), tuple(tuple(by_shape[layer.shape]) for layer in layers), budget, min_fill)
+    if capacity is None:
+        options = tuple(tuple(by_shape[layer.shape]) for layer in layers)
+    else:
+        options = tuple(tuple(replace(o, capacity=float(capacity.score(layer, o.candidate)))
+                              for o in by_shape[layer.shape]) for layer in layers)
+    problem = Problem(tuple(layers), options, budget, min_fill)
     smallest = sum(min(o.params for o in opts) for opts in problem.options)
     largest = sum(max(o.params for o in opts) for opts in problem.options)
     if smallest > problem.hi or largest < problem.lo:
@@ -126,13 +152,23 @@ class Assignment:
     step_ms: float
     mem_mb: float
     label: str = ""
+    capacity: float = 0.0  # the sum of the options' capacities
 
     def layer_options(self, problem: Problem) -> list[Option]:
         return [problem.options[i][k] for i, k in enumerate(self.choice)]
 
 
 def _assignment(problem: Problem, choice: Sequence[int], label: str = "") -> Assignment:
-    return Assignment(tuple(int(k) for k in choice), *problem.totals(choice), label)
+    return Assignment(tuple(int(k) for k in choice), *problem.totals(choice), label, problem.capacity(choice))
+
+
+def param_unit(problem: Problem) -> int:
+    """The gcd of every option's parameter count: the knapsack tables count totals in these units."""
+    g = 0
+    for opts in problem.options:
+        for o in opts:
+            g = math.gcd(g, o.params)
+    return g or 1
 
 
 def exact_optimum(problem: Problem) -> Assignment:
@@ -142,16 +178,20 @@ def exact_optimum(problem: Problem) -> Assignment:
     least time to reach total ``s·g`` with the layers so far; each layer takes the minimum over its options of the
     table shifted by the option's size. Exact whenever the table (hi/g cells) fits; otherwise ValueError.
     """
-    g = 0
-    for opts in problem.options:
-        for o in opts:
-            g = math.gcd(g, o.params)
-    g = g or 1
+    return knapsack(problem, [[o.step_ms for o in opts] for opts in problem.options], label="exact optimum")
+
+
+def knapsack(problem: Problem, values: Sequence[Sequence[float]], *, maximise: bool = False,
+             label: str = "") -> Assignment:
+    """The assignment with the least (``maximise``: the largest) sum of ``values[layer][option]`` over all
+    assignments with lo ≤ Σ params ≤ hi: the dynamic programme of :func:`exact_optimum` on any additive value."""
+    g = param_unit(problem)
     hi = problem.hi // g
     lo = -(-problem.lo // g)
     if hi + 1 > _MAX_CELLS:
         raise ValueError(f"the exact optimum needs a table of {hi + 1:,} parameter totals (budget {problem.hi:,} "
                          f"in units of {g}); more than {_MAX_CELLS:,}")
+    sign = -1.0 if maximise else 1.0
     best = np.full(hi + 1, np.inf)
     best[0] = 0.0
     parents = np.zeros((len(problem.options), hi + 1), dtype=np.int32)
@@ -162,7 +202,7 @@ def exact_optimum(problem: Problem) -> Assignment:
             w = o.params // g
             if w > hi:
                 continue
-            shifted = best[: hi + 1 - w] + o.step_ms
+            shifted = best[: hi + 1 - w] + sign * float(values[i][k])
             better = shifted < new[w:]
             new[w:][better] = shifted[better]
             arg[w:][better] = k
@@ -177,7 +217,7 @@ def exact_optimum(problem: Problem) -> Assignment:
         k = int(parents[i, s])
         choice.append(k)
         s -= problem.options[i][k].params // g
-    return _assignment(problem, choice[::-1], "exact optimum")
+    return _assignment(problem, choice[::-1], label)
 
 
 def neighbours(problem: Problem, base: Assignment, limit: int = 8) -> list[Assignment]:

@@ -252,7 +252,7 @@ def test_missing_optional_files_are_noted(tmp_path):
     # without profile.json, two shapes in the measurements: layer shapes are unknown
     assert all(lay["step_ms"] is None for lay in data["pick"]["layers"])
     html = render_html(data)
-    assert "No trials.csv in the folder" in html and "No validation.csv in the folder" in html
+    assert "No trials.csv in the folder" in html and "no validation.csv" in html
 
 
 @pytest.mark.parametrize("missing", ["adapter_config.json", "measurements.csv"])

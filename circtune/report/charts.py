@@ -11,6 +11,9 @@ from plotly.colors import sample_colorscale
 from .html import KIND_COLOURS, METHOD_COLOURS, VARIANT_COLOURS, esc, variant_colours
 from .html import hover as _hover
 
+_SYMBOLS = ("diamond", "square", "triangle-up", "x", "cross", "pentagon", "hexagon", "triangle-down")
+_NAMED_COLOURS = ("#7f7f7f", "#9467bd", "#ff7f0e", "#d62728", "#8c564b", "#17becf")
+
 
 def class_colours(classes: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """A blue shade per C3A block size and an orange one per CDVFT block size, darker for larger p."""
@@ -48,7 +51,7 @@ def bars_figure(bars: Sequence[Mapping[str, Any]], what: str) -> go.Figure:
     key, pred, unit = (("measured_step_ms", "predicted_step_ms", "ms") if what == "step" else
                        ("measured_mem_mb", "predicted_mem_mb", "MiB"))
     rows = [b for b in bars if b.get(key) is not None or b.get(pred) is not None]
-    x = [esc(b["label"]) for b in rows]
+    x = [esc(display(b)) for b in rows]
     kind = ["pick" if b["picked"] else b["kind"] for b in rows]
     err = {}
     if what == "step":
@@ -68,6 +71,106 @@ def bars_figure(bars: Sequence[Mapping[str, Any]], what: str) -> go.Figure:
     title = "Whole-model training step" if what == "step" else "Whole-model peak memory"
     fig.update_layout(title=f"{title} (green: the pick; grey: baselines; bars p25–p75)" if what == "step" else title,
                       yaxis_title=f"{'step time' if what == 'step' else 'memory'} ({unit})", showlegend=True)
+    return fig
+
+
+def display(row: Mapping[str, Any]) -> str:
+    """An assignment's name on the page: the chosen one is "pick" (with its predicted rank when it has one)."""
+    label = row["label"]
+    return label if not row.get("picked") or label == "pick" else f"pick ({label})"
+
+
+def overhead_figure(bars: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Measured added time over the frozen model (paired; bars p25–p75) per assignment, the prediction as a marker."""
+    rows = [b for b in bars if b.get("measured_overhead_ms") is not None]
+    x = [esc(display(b)) for b in rows]
+    lo = [b["measured_overhead_ms"] - b["measured_overhead_ms_p25"] if b.get("measured_overhead_ms_p25") is not None
+          else None for b in rows]
+    hi = [b["measured_overhead_ms_p75"] - b["measured_overhead_ms"] if b.get("measured_overhead_ms_p75") is not None
+          else None for b in rows]
+    fig = go.Figure(go.Bar(
+        x=x, y=[b["measured_overhead_ms"] for b in rows], name="measured (paired)",
+        error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo, color="#444"),
+        marker_color=[KIND_COLOURS["pick" if b["picked"] else b["kind"]] for b in rows],
+        customdata=[[b.get("overhead_pct")] for b in rows],
+        hovertemplate=_hover("%{x}", "measured +%{y:.4g} ms (%{customdata[0]:+.2f} %)")))
+    if any(b.get("predicted_overhead_ms") is not None for b in rows):
+        fig.add_trace(go.Scatter(x=x, y=[b.get("predicted_overhead_ms") for b in rows], mode="markers",
+                                 name="predicted (summed per layer)", marker=dict(symbol="diamond", size=11,
+                                                                                  color="#d62728"),
+                                 hovertemplate=_hover("%{x}", "predicted +%{y:.4g} ms")))
+    fig.update_layout(title="Added time over the frozen model (green: the pick; grey: baselines; bars p25–p75)",
+                      yaxis_title="added step time (ms)")
+    return fig
+
+
+def front_figure(front: Mapping[str, Any]) -> go.Figure:
+    """Predicted added time against captured capacity: the exact front, the validated candidates, the named
+    baselines (one legend entry each, so no label sits on another) and the pick."""
+    pts = front["points"]
+    fig = go.Figure()
+
+    def trace(rows, name, colour, symbol, size=10, mode="markers", **kw):
+        fig.add_trace(go.Scatter(
+            x=[100 * r["capacity"] for r in rows], y=[r["step_ms"] for r in rows], mode=mode, name=esc(name),
+            marker=dict(color=colour, symbol=symbol, size=size, line=dict(width=0.5, color="#333")),
+            customdata=[[esc(r["label"]), r["params"], r["mem_mb"]] for r in rows],
+            hovertemplate=_hover("%{customdata[0]}", "capacity %{x:.2f} %", "added +%{y:.4g} ms",
+                                 "params %{customdata[1]:,}", "memory +%{customdata[2]:.4g} MiB"), **kw))
+
+    line = sorted((r for r in pts if r["kind"] == "front"), key=lambda r: r["capacity"])
+    if line:
+        trace(line, "front (exact)", "#9ecae1", "circle", 7, "lines+markers", line=dict(color="#6baed6", shape="hv"))
+    cands = [r for r in pts if r["kind"] == "candidate" and not r["picked"]]
+    if cands:
+        trace(cands, "validated candidates", "#1f77b4", "circle", 9)
+    named = [r for r in pts if r["kind"] == "baseline"]
+    for i, r in enumerate(named):
+        trace([r], r["label"], _NAMED_COLOURS[i % len(_NAMED_COLOURS)], _SYMBOLS[i % len(_SYMBOLS)], 12)
+    for r in (r for r in pts if r["picked"]):
+        trace([r], display(r), KIND_COLOURS["pick"], "star", 18)
+    fig.update_xaxes(title="captured capacity (% of the weighted gradient energy)")
+    fig.update_yaxes(title="predicted added step time (ms)")
+    fig.update_layout(title="Time against capacity at this budget")
+    return fig
+
+
+def allocation_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Per layer of the pick: parameters with the layer's share of the budget and its window (top), captured
+    capacity with the layer's share of the gradient energy (bottom)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("parameters (marker: share of the budget; whiskers: allowed window)",
+                                        "captured capacity (marker: the layer's share of the gradient energy)"))
+    x = [esc(r["short"]) for r in rows]
+    names = [[esc(r["layer"]), esc(r["config"])] for r in rows]
+    fig.add_trace(go.Bar(x=x, y=[r["params"] for r in rows], name="parameters", marker_color="#1f77b4",
+                         customdata=names, hovertemplate=_hover("%{customdata[0]}", "%{customdata[1]}",
+                                                                "%{y:,} parameters")), row=1, col=1)
+    if any(r["share"] is not None for r in rows):
+        fig.add_trace(go.Scatter(
+            x=x, y=[r["share"] for r in rows], mode="markers", name="share and window",
+            marker=dict(symbol="line-ew-open", size=16, color="#d62728", line=dict(width=2)),
+            error_y=dict(type="data", symmetric=False, color="#d62728",
+                         array=[None if r["window_hi"] is None or r["share"] is None else r["window_hi"] - r["share"]
+                                for r in rows],
+                         arrayminus=[None if r["window_lo"] is None or r["share"] is None
+                                     else r["share"] - r["window_lo"] for r in rows]),
+            customdata=[[r["window_lo"], r["window_hi"]] for r in rows],
+            hovertemplate=_hover("%{x}", "share %{y:,.0f}", "window %{customdata[0]:,.0f}–%{customdata[1]:,.0f}")),
+            row=1, col=1)
+    fig.add_trace(go.Bar(x=x, y=[None if r["capacity"] is None else 100 * r["capacity"] for r in rows],
+                         name="captured capacity", marker_color="#2ca02c", customdata=names,
+                         hovertemplate=_hover("%{customdata[0]}", "captured %{y:.3g} %")), row=2, col=1)
+    if any(r["energy"] is not None for r in rows):
+        fig.add_trace(go.Scatter(x=x, y=[None if r["energy"] is None else 100 * r["energy"] for r in rows],
+                                 mode="markers", name="gradient energy", marker=dict(symbol="diamond", color="#555"),
+                                 hovertemplate=_hover("%{x}", "energy %{y:.3g} %")), row=2, col=1)
+    fig.update_yaxes(title_text="parameters", row=1, col=1)
+    fig.update_yaxes(title_text="% of the total", row=2, col=1)
+    fig.update_xaxes(tickangle=-60, row=2, col=1)
+    fig.update_layout(title="The pick per layer", barmode="overlay")
     return fig
 
 
@@ -200,11 +303,15 @@ def predicted_figure(rows: Sequence[Mapping[str, Any]], what: str) -> go.Figure:
         lo, hi = min(min(r[p], r[m]) for r in rows), max(max(r[p], r[m]) for r in rows)
         fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="measured = predicted",
                                  line=dict(color="#999", dash="dash"), hoverinfo="skip"))
-        fig.add_trace(go.Scatter(
-            x=[r[p] for r in rows], y=[r[m] for r in rows], mode="markers+text", name="assignments",
-            text=[esc(r["label"]) for r in rows], textposition="top center",
-            marker=dict(size=10, color=[KIND_COLOURS["pick" if r["picked"] else r["kind"]] for r in rows]),
-            hovertemplate=_hover("%{text}", f"predicted %{{x:.4g}} {unit}", f"measured %{{y:.4g}} {unit}")))
+        # One legend entry per assignment and the name on hover: text labels beside close points overlap.
+        for i, r in enumerate(rows):
+            kind = "pick" if r["picked"] else r["kind"]
+            fig.add_trace(go.Scatter(
+                x=[r[p]], y=[r[m]], mode="markers", name=esc(display(r)),
+                marker=dict(size=13 if r["picked"] else 10, color=KIND_COLOURS[kind],
+                            symbol="star" if r["picked"] else _SYMBOLS[i % len(_SYMBOLS)],
+                            line=dict(width=0.5, color="#333")),
+                hovertemplate=_hover(esc(display(r)), f"predicted %{{x:.4g}} {unit}", f"measured %{{y:.4g}} {unit}")))
     name = "step time" if what == "step" else "peak memory"
     fig.update_layout(title=f"Predicted against measured {name}", xaxis_title=f"predicted ({unit})",
                       yaxis_title=f"measured ({unit})")

@@ -18,6 +18,7 @@ import pandas as pd
 
 from ..cost import ok_table
 from ..space import Candidate
+from . import verdict
 from .folder import (  # noqa: F401  (FolderError, load_folder, short_modules: this module's public names too)
     ADAPTERS,
     FolderError,
@@ -146,7 +147,8 @@ def _baseline_rank(label: str) -> int:
 
 def _bars(run: RunFolder, notes: list[str]) -> list[dict[str, Any]]:
     cols = ("total_params", "predicted_overhead_ms", "predicted_step_ms", "measured_step_ms", "measured_step_ms_p25",
-            "measured_step_ms_p75", "predicted_mem_mb", "measured_mem_mb")
+            "measured_step_ms_p75", "predicted_mem_mb", "measured_mem_mb", "measured_overhead_ms",
+            "measured_overhead_ms_p25", "measured_overhead_ms_p75", "overhead_pct", "measured_base_step_ms")
     if run.validation is None:
         cfg = run.config
         notes.append("validation.csv is missing: the whole-model comparison with the baselines is not available; "
@@ -163,7 +165,9 @@ def _bars(run: RunFolder, notes: list[str]) -> list[dict[str, Any]]:
         rows.append((kind != "candidate", not flag(row.get("picked")),
                      _baseline_rank(label) if kind != "candidate" else 0, i,
                      {"label": label, "kind": kind, "picked": flag(row.get("picked")),
-                      "status": text(row.get("status")) or "ok", **{c: num(row.get(c)) for c in cols}}))
+                      "status": text(row.get("status")) or "ok", **{c: num(row.get(c)) for c in cols},
+                      "within_noise_of_pick": None if text(row.get("within_noise_of_pick")) in ("", "nan")
+                      else flag(row.get("within_noise_of_pick"))}))
     failed = [f"{r[-1]['label']} ({r[-1]['status']})" for r in rows if r[-1]["status"] != "ok"]
     if failed:
         notes.append(f"whole-model validation failed for {len(failed)} assignment(s): {'; '.join(failed)}")
@@ -305,11 +309,15 @@ def build_report_data(run: RunFolder) -> dict[str, Any]:
     excluded = ((run.profile or {}).get("excluded") or {})
     bars = _bars(run, notes)
     header = _header(run, frame)
+    landscape = _landscape(frame, table, picked, excluded if isinstance(excluded, Mapping) else {})
+    answer = verdict.verdict(run, bars)
+    measured = [b for b in bars if b["measured_step_ms"] is not None] if answer["validated"] else []
     return {"title": f"circtune report: {header['model'] or 'model'} on {header['device']['name']}",
-            "header": header, "pick": {**pick, "bars": bars},
-            "landscape": _landscape(frame, table, picked, excluded if isinstance(excluded, Mapping) else {}),
-            "search": _search(run.trials, notes),
-            "validation": _predicted_vs_measured(bars) if run.validation is not None else [],
+            "header": header, "verdict": answer, "front": verdict.front(run), "allocation": verdict.allocation(run),
+            "checks": {"memory": verdict.memory_check(measured), "noisy": verdict.noisy(measured, landscape)},
+            "pick": {**pick, "bars": bars if answer["validated"] or run.validation is None else []},
+            "landscape": landscape, "search": _search(run.trials, notes),
+            "validation": _predicted_vs_measured(measured) if answer["validated"] else [],
             "method": _method(run, frame), "notes": notes}
 
 

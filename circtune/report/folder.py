@@ -19,6 +19,10 @@ import pandas as pd
 from ..space import Candidate
 
 REQUIRED_FILES = ("adapter_config.json", "measurements.csv")
+# The columns the report reads from the optional tables that a search writes next to the config (older runs lack
+# the files, which is fine; a file without these columns is not one the report can read).
+OPTIONAL_COLUMNS = {"front.csv": ("label", "kind", "step_ms", "capacity", "picked"),
+                    "allocation.csv": ("layer", "params", "share", "window_lo", "window_hi", "capacity")}
 ADAPTERS = ("c3a", "cdvft")
 _REQUIRED_COLUMNS = ("d_in", "d_out", "method", "block_size", "factors", "transform", "backend", "params", "step_ms",
                      "status")
@@ -41,6 +45,8 @@ class RunFolder:
     profile: dict[str, Any] | None = None
     trials: pd.DataFrame | None = None
     validation: pd.DataFrame | None = None
+    front: pd.DataFrame | None = None  # front.csv: the time-vs-capacity front, candidates and baselines
+    allocation: pd.DataFrame | None = None  # allocation.csv: the pick's layers with their share and capacity
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -89,12 +95,20 @@ def load_folder(path: str | Path) -> RunFolder:
         raise FolderError(f"{folder}: adapter_config.json has no 'layers' object")
     measurements = normalise_measurements(_read_csv(folder / "measurements.csv", folder),
                                           f"{folder}/measurements.csv")
-    optional = {name: folder / name for name in ("profile.json", "trials.csv", "validation.csv")}
+    optional = {name: folder / name for name in ("profile.json", "trials.csv", "validation.csv", "front.csv",
+                                                 "allocation.csv")}
+    csv = {name: _read_csv(path, folder) if path.is_file() else None for name, path in optional.items()
+           if name.endswith(".csv")}
+    for name, columns in OPTIONAL_COLUMNS.items():
+        frame = csv[name]
+        missing = [] if frame is None else [c for c in columns if c not in frame.columns]
+        if missing:
+            raise FolderError(f"{folder}: {name} lacks column(s) {', '.join(missing)}")
     return RunFolder(
         path=str(folder), config=config, measurements=measurements,
         profile=_read_json(optional["profile.json"], folder) if optional["profile.json"].is_file() else None,
-        trials=_read_csv(optional["trials.csv"], folder) if optional["trials.csv"].is_file() else None,
-        validation=_read_csv(optional["validation.csv"], folder) if optional["validation.csv"].is_file() else None)
+        trials=csv["trials.csv"], validation=csv["validation.csv"], front=csv["front.csv"],
+        allocation=csv["allocation.csv"])
 
 
 # --------------------------------------------------------------------------------------------------- helpers

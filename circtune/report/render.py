@@ -10,17 +10,22 @@ from typing import Any
 
 from .._io import write_text_atomic
 from .charts import (
+    allocation_figure,
     backends_figure,
     bars_figure,
+    display,
     flops_figure,
+    front_figure,
     landscape_figure,
     memory_figure,
+    overhead_figure,
     pick_map_figure,
     predicted_figure,
     search_figures,
 )
 from .data import report_data
 from .html import PLOTLYJS, esc, figure, fmt, note, page, table
+from .verdict import MEMORY_TOLERANCE, NOISY_SPREAD, OUTLIER_FACTOR
 
 
 # --------------------------------------------------------------------------------------------------- sections
@@ -30,7 +35,18 @@ def device_table(device: Mapping[str, Any]) -> str:
                  + [[f"{k} version", v] for k, v in device["software"]])
 
 
-def _header_html(data: Mapping[str, Any]) -> list[str]:
+_NAV = (("verdict", "the answer"), ("front", "time against capacity"), ("allocation", "per layer"),
+        ("pick", "the pick"), ("landscape", "landscape"), ("search", "search"),
+        ("validation", "predicted vs measured"), ("method", "how it was measured"))
+
+
+def _title_html(data: Mapping[str, Any]) -> list[str]:
+    nav = " ".join(f'<a href="#{k}">{v}</a>' for k, v in _NAV)
+    return [f"<h1>{esc(data['title'])}</h1>", f"<nav>{nav}</nav>"]
+
+
+def _run_html(data: Mapping[str, Any]) -> list[str]:
+    """The run's metadata and device: below the answers."""
     h, t = data["header"], data["pick"]["totals"]
     fill = f" ({100 * t['fill']:.1f} % of the budget)" if t.get("fill") is not None else ""
     study = h.get("study") or {}
@@ -40,13 +56,98 @@ def _header_html(data: Mapping[str, Any]) -> list[str]:
             ["tokens per step", tokens], ["dtype", h["dtype"]], ["objective", h["objective"]],
             ["study", f"{study.get('name', '')} ({study.get('trials', '?')} trials)" if study else "–"],
             ["folder", h["folder"]]]
-    nav = " ".join(f'<a href="#{k}">{v}</a>' for k, v in (("pick", "the pick"), ("landscape", "landscape"),
-                                                          ("search", "search"), ("validation", "predicted vs measured"),
-                                                          ("method", "how it was measured")))
-    out = [f"<h1>{esc(data['title'])}</h1>", f"<nav>{nav}</nav>",
-           f"<p>command: <code>{esc(h['command'] or '–')}</code></p>", '<div class="grid"><div>',
-           table(["run", ""], rows), "</div><div>", device_table(h["device"]), "</div></div>"]
+    out = ['<h2 id="run">The run</h2>', f"<p>command: <code>{esc(h['command'] or '–')}</code></p>",
+           '<div class="grid"><div>', table(["run", ""], rows), "</div><div>", device_table(h["device"]),
+           "</div></div>"]
     return out + [note(n) for n in data["notes"]]
+
+
+def _spread(interval) -> str:
+    return "" if not interval else f"p25–p75 {fmt(interval[0])} to {fmt(interval[1])} ms"
+
+
+def _verdict_html(v: Mapping[str, Any]) -> list[str]:
+    out = ['<h2 id="verdict">The answer</h2>']
+    params = (f"{fmt(v['total_params'])} adapter parameters of the {fmt(v['budget'])} budget"
+              if v["total_params"] is not None and v["budget"] is not None else "")
+    if v["pick_capacity"] is not None:
+        params += f"; it captures {100 * v['pick_capacity']:.1f} % of the weighted gradient energy"
+    source = {"calibration": "capacity from the calibration texts' gradients",
+              "uniform": "capacity without calibration data: every layer's gradient energy taken as equal (uniform)"}
+    if not v["validated"]:
+        predicted = (f" The pick's predicted added time is {fmt(v['predicted_ms'])} ms per step (summed from the "
+                     "per-layer measurements)." if v["predicted_ms"] is not None else "")
+        out.append(f'<p class="verdict">Not measured on the whole model: {esc(v["why_not"])}.{esc(predicted)}</p>')
+    else:
+        p = v["pick"]
+        how = "measured paired with the frozen model" if p["paired"] else (
+            "difference of two medians timed one after the other (a run of an older circtune: not paired)")
+        base = f" to the frozen model's {fmt(p['base_ms'])} ms training step" if p["base_ms"] else ""
+        pct = f" ({p['pct']:+.1f} %)" if p["pct"] is not None else ""
+        name = "The pick" if p["label"] == "pick" else f"The pick ({p['label']})"
+        head = (f"{name} adds {fmt(p['ms'])} ms{pct}{base}; {_spread(p['interval'])}, {how}"
+                + (f"; predicted {fmt(p['predicted_ms'])} ms." if p["predicted_ms"] is not None else "."))
+        out.append(f'<p class="verdict"><b>{esc(head)}</b></p>')
+        if v["comparisons"]:
+            out.append("<ul>" + "".join(f"<li>{esc(c['sentence'])}</li>" for c in v["comparisons"]) + "</ul>")
+            rows = [[display({"label": p["label"], "picked": True}), p["params"], p["ms"], _spread(p["interval"]),
+                     p["pct"], None if v["pick_capacity"] is None else 100 * v["pick_capacity"], "–"]]
+            rows += [[c["label"], c["params"], c["ms"], _spread(c["interval"]), c["pct"],
+                      None if c["capacity"] is None else 100 * c["capacity"],
+                      {True: "within noise", False: "outside noise", None: "–"}[c["within_noise"]]]
+                     for c in v["comparisons"]]
+            out.append(table(["assignment", "parameters", "added ms", "spread", "added %", "capacity %",
+                              "against the pick"], rows))
+        if v["floor"] is not None:
+            out.append(f'<p class="muted">Noise floor: the frozen model paired with itself adds '
+                       f"{esc(fmt(v['floor']['ms']))} ms ({esc(_spread(v['floor']['interval']))}). Two assignments "
+                       "are within noise of each other when the p25–p75 ranges of their paired differences "
+                       "overlap.</p>")
+    if params:
+        out.append(f"<p>{esc(params)}.</p>")
+    out.append(f"<p>{esc(source.get(v['capacity_source'] or '', 'no capacity data in this run (no front.csv)'))}."
+               "</p>")
+    out.append(f"<p>Apply it in a training script: <code>{esc(v['apply'])}</code></p>")
+    return out
+
+
+def _front_html(front: Mapping[str, Any] | None) -> list[str]:
+    out = ['<h2 id="front">Time against capacity</h2>']
+    if front is None or not front["points"]:
+        return out + [note("No front.csv in this folder (a run of an older circtune): the time-against-capacity "
+                           "front is not shown.")]
+    tol = front["tolerance"]
+    rule = (f" The pick is the fastest assignment within {100 * tol:.0f} % of the best capacity at this budget."
+            if tol is not None else "")
+    return out + [f'<p class="muted">Predicted added step time (summed per layer) against the share of the '
+                  f"weighted gradient energy each assignment can express.{esc(rule)}</p>",
+                  figure(front_figure(front), "front", 480),
+                  table(["point", "kind", "parameters", "added ms", "added MiB", "capacity %"],
+                        [[display(r), r["kind"], r["params"], r["step_ms"], r["mem_mb"], 100 * r["capacity"]]
+                         for r in front["points"] if r["kind"] != "front"])]
+
+
+def _allocation_html(rows: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    out = ['<h2 id="allocation">The pick per layer</h2>']
+    if not rows:
+        return out + [note("No allocation.csv in this folder (a run of an older circtune): the per-layer parameters "
+                           "and capacity are not shown.")]
+    return out + [figure(allocation_figure(rows), "allocation", 640)]
+
+
+def _checks_html(checks: Mapping[str, Sequence[str]]) -> list[str]:
+    out = []
+    m = checks["memory"]
+    if m:
+        rows = "; ".join(f"{display(o)}: predicted {o['predicted_mb']:,.0f} MiB, measured {o['measured_mb']:,.0f} MiB "
+                         f"({o['off_pct']:+.0f} %)" for o in m["rows"])
+        out.append(note(f"Whole-model memory predicted more than {100 * MEMORY_TOLERANCE:.0f} % off the measured: "
+                        f"{rows}. {m['why'][0].upper() + m['why'][1:]}."))
+    if checks["noisy"]:
+        out.append(note(f"Noisy measurements (a whole-model step whose p25–p75 is wider than {100 * NOISY_SPREAD:.0f} "
+                        f"% of its median; a per-layer time over {OUTLIER_FACTOR:g}× both neighbours' in its family, "
+                        "or under a third of both): " + "; ".join(checks["noisy"])))
+    return out
 
 
 def _pick_html(pick: Mapping[str, Any]) -> list[str]:
@@ -60,8 +161,16 @@ def _pick_html(pick: Mapping[str, Any]) -> list[str]:
            table(["whole model and totals", "ms / MiB"], [[k.replace("_", " "), t[k]] for k in (
                "predicted_overhead_ms", "optimum_overhead_ms", "sum_layer_step_ms", "base_step_ms",
                "predicted_step_ms", "measured_step_ms", "predicted_mem_mb", "measured_mem_mb") if t[k] is not None]),
-           '<div class="grid">', figure(bars_figure(pick["bars"], "step"), "pick-step"),
-           figure(bars_figure(pick["bars"], "mem"), "pick-mem"), "</div>"]
+           ]
+    bars = pick["bars"]
+    if any(b.get("measured_overhead_ms") is not None for b in bars):
+        out += ['<div class="grid">', figure(overhead_figure(bars), "pick-overhead"),
+                figure(bars_figure(bars, "mem"), "pick-mem"), "</div>"]
+    elif bars:
+        out += ['<div class="grid">', figure(bars_figure(bars, "step"), "pick-step"),
+                figure(bars_figure(bars, "mem"), "pick-mem"), "</div>"]
+    else:
+        out.append(note("Validation was skipped: no whole-model measurement to chart."))
     return out
 
 
@@ -111,12 +220,12 @@ def _search_html(search: Mapping[str, Any] | None) -> list[str]:
 def _validation_html(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     out = ['<h2 id="validation">Predicted against measured</h2>']
     if not rows:
-        return out + [note("No validation.csv in the folder: nothing was measured on the whole model.")]
+        return out + [note("Nothing was measured on the whole model (validation skipped, or no validation.csv).")]
     return out + ['<div class="grid">', figure(predicted_figure(rows, "step"), "pred-step"),
                   figure(predicted_figure(rows, "mem"), "pred-mem"), "</div>",
                   table(["assignment", "kind", "predicted ms", "measured ms", "error %", "predicted MiB",
                          "measured MiB", "error %", "status"],
-                        [[r["label"], "pick" if r["picked"] else r["kind"], r["predicted_step_ms"],
+                        [[display(r), "pick" if r["picked"] else r["kind"], r["predicted_step_ms"],
                           r["measured_step_ms"], r["step_error_pct"], r["predicted_mem_mb"], r["measured_mem_mb"],
                           r["mem_error_pct"], r["status"]] for r in rows])]
 
@@ -143,8 +252,10 @@ def _method_html(m: Mapping[str, Any]) -> list[str]:
 
 def render_html(data: Mapping[str, Any], plotlyjs: str = "inline") -> str:
     """The report page for ``data`` from :func:`circtune.report.data.build_report_data`."""
-    body = (_header_html(data) + _pick_html(data["pick"]) + _landscape_html(data["landscape"])
-            + _search_html(data["search"]) + _validation_html(data["validation"]) + _method_html(data["method"]))
+    body = (_title_html(data) + _verdict_html(data["verdict"]) + _checks_html(data["checks"])
+            + _front_html(data["front"]) + _allocation_html(data["allocation"]) + _pick_html(data["pick"])
+            + _landscape_html(data["landscape"]) + _search_html(data["search"])
+            + _validation_html(data["validation"]) + _method_html(data["method"]) + _run_html(data))
     return page(data["title"], body, plotlyjs)
 
 

@@ -116,7 +116,7 @@ def test_a_worker_that_loses_the_race_to_create_the_tables_opens_the_store(tmp_p
     worker creates them. The loser must look again and open the store, not fail with "table already exists"."""
     from sqlalchemy import create_engine, event
 
-    from circtune.measure import store as store_module
+    from circtune.measure import _database
 
     path = tmp_path / "new.db"
     other = create_engine(f"sqlite:///{path}")
@@ -127,11 +127,11 @@ def test_a_worker_that_loses_the_race_to_create_the_tables_opens_the_store(tmp_p
             raced.append(len(kw["tables"]))
             metadata.create_all(other)
 
-    event.listen(store_module._Base.metadata, "before_create", the_other_worker_wins)
+    event.listen(_database.Base.metadata, "before_create", the_other_worker_wins)
     try:
         store = MeasurementStore(path)
     finally:
-        event.remove(store_module._Base.metadata, "before_create", the_other_worker_wins)
+        event.remove(_database.Base.metadata, "before_create", the_other_worker_wins)
         other.dispose()
     assert raced and raced[0] >= 3  # the race happened, on every table
     c3a = Candidate("c3a", 16, None, "rfft", "torch")
@@ -148,9 +148,9 @@ def test_opening_a_store_tries_again_when_sqlite_answers_locked_at_once(tmp_path
     import sqlalchemy.exc
     from sqlalchemy import event
 
-    from circtune.measure import store as store_module
+    from circtune.measure import _database
 
-    real_set_pragmas = store_module._set_pragmas
+    real_set_pragmas = _database._set_pragmas
     pragma_tries = []
 
     class LockedOnce:  # the first PRAGMA journal_mode of the first connection is refused, as in the deadlock
@@ -170,7 +170,7 @@ def test_opening_a_store_tries_again_when_sqlite_answers_locked_at_once(tmp_path
         def close(self):
             self.cursor_.close()
 
-    monkeypatch.setattr(store_module, "_set_pragmas", lambda conn, record: real_set_pragmas(LockedOnce(conn), record))
+    monkeypatch.setattr(_database, "_set_pragmas", lambda conn, record: real_set_pragmas(LockedOnce(conn), record))
     create_tries = []
 
     def locked_once(metadata, connection, **kw):  # the CREATE refused once, as the driver's error reaches us
@@ -178,11 +178,11 @@ def test_opening_a_store_tries_again_when_sqlite_answers_locked_at_once(tmp_path
             create_tries.append(1)
             raise sqlalchemy.exc.OperationalError("CREATE TABLE", {}, sqlite3.OperationalError("database is locked"))
 
-    event.listen(store_module._Base.metadata, "before_create", locked_once)
+    event.listen(_database.Base.metadata, "before_create", locked_once)
     try:
         store = MeasurementStore(tmp_path / "new.db")
     finally:
-        event.remove(store_module._Base.metadata, "before_create", locked_once)
+        event.remove(_database.Base.metadata, "before_create", locked_once)
     assert pragma_tries[:2] == ["PRAGMA journal_mode=WAL"] * 2  # refused, then tried again
     assert create_tries == [1]  # the CREATE was refused once, then the tables were created
     c3a = Candidate("c3a", 16, None, "rfft", "torch")

@@ -7,42 +7,40 @@ repeated run finds what it already has and measures only the rest.
 
 The store keeps absolute numbers (the layer's whole step, its whole peak, and the medians of its frozen base layer
 timed side by side with it); :func:`to_frame` subtracts the base to give what an adapter adds, in the CSV columns
-of :data:`CSV_COLUMNS`.
+of :data:`CSV_COLUMNS`. The database under it (URLs, engines, SQLite tuning) is set up by :mod:`._database`, and
+workers' claims and locks live in :mod:`._claims`; this module re-exports the names other modules use from them.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
-import socket
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import (
-    Float,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    delete,
-    event,
-    make_url,
-    select,
-    update,
-)
+from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .._signals import deferred_interrupts
 from ..space import Candidate
+from . import _claims
+from ._claims import dead_local_worker, this_worker
+from ._database import (
+    Base,
+    masked_url,
+    open_engine,
+    sqlite_immediate_transactions,
+    sqlite_pragmas,
+    storage_url,
+)
 from .timing import Spread
+
+# The names other modules import from here; the database set-up and the claims live in private modules.
+__all__ = ["CSV_COLUMNS", "EXTRA_COLUMNS", "Measurement", "MeasurementKey", "MeasurementStore", "dead_local_worker",
+           "masked_url", "sqlite_immediate_transactions", "sqlite_pragmas", "storage_url", "this_worker", "to_frame"]
 
 CSV_COLUMNS = ("model", "d_in", "d_out", "tokens", "dtype", "method", "block_size", "factors", "transform",
                "backend", "params", "fwd_ms", "bwd_ms", "step_ms", "step_ms_p25", "step_ms_p75", "peak_mem_mb",
@@ -99,31 +97,18 @@ class Measurement:
         return self.status == "ok"
 
 
-class _Base(DeclarativeBase):
-    pass
-
-
-class _DeviceRow(_Base):
+class _DeviceRow(Base):
     __tablename__ = "circtune_devices"
     fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     info: Mapped[str] = mapped_column(Text)  # JSON of DeviceInfo.to_dict()
 
 
-class _ClaimRow(_Base):
-    """A worker's claim on a key it is measuring: the primary key makes claiming atomic on every database."""
-
-    __tablename__ = "circtune_claims"
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    worker: Mapped[str] = mapped_column(String(200))
-    claimed_at: Mapped[float] = mapped_column(Float)
-
-
 _KEY_COLUMNS = ("device_fingerprint", "torch_version", "triton_version", "circtune_version", "d_in", "d_out",
                 "tokens", "dtype", "method", "block_size", "factors", "transform", "backend")
 
 
-class _MeasurementRow(_Base):
+class _MeasurementRow(Base):
     __tablename__ = "circtune_measurements"
     __table_args__ = (UniqueConstraint(*_KEY_COLUMNS, name="circtune_measurement_key"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -173,31 +158,9 @@ def _key_values(key: MeasurementKey) -> dict:
             "backend": c.backend or ""}
 
 
-def this_worker() -> str:
-    """This process's worker name, ``host:pid``: what claims and trials record as their owner."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def dead_local_worker(worker: str) -> bool:
-    """True for a ``host:pid`` worker on this host whose process is gone (a killed run being re-run): its claim
-    need not wait for the timeout."""
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
-
-
-def _digest(key: MeasurementKey | str) -> str:
-    """The claim key: a measurement's key, or a named lock such as ``study-seeds:NAME``."""
-    if isinstance(key, str):
-        return hashlib.sha256(key.encode()).hexdigest()
-    return hashlib.sha256(json.dumps(_key_values(key), sort_keys=True).encode()).hexdigest()
+def _claim_name(key: MeasurementKey | str) -> str:
+    """What a claim is on: a measurement's key (as JSON), or a named lock such as ``study-seeds:NAME``."""
+    return key if isinstance(key, str) else json.dumps(_key_values(key), sort_keys=True)
 
 
 def _spread(row: _MeasurementRow, name: str) -> Spread | None:
@@ -226,148 +189,19 @@ def _to_row(m: Measurement) -> _MeasurementRow:
                            timestamp=m.timestamp, settings=json.dumps(dict(m.settings), sort_keys=True))
 
 
-# How long a worker opening a SQLite store keeps trying when SQLite answers "database is locked" at once (the
-# connection's own busy timeout, 60 s, covers the waits SQLite does itself).
-_LOCKED_RETRY_S = 60.0
-
-
-def _is_locked(error: BaseException) -> bool:
-    return "database is locked" in str(error).lower()
-
-
-def _set_pragmas(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    # Switching a new database to WAL takes its exclusive lock. Two workers opening it together can each hold the
-    # shared lock that the other's switch waits for; SQLite breaks that deadlock by answering "database is locked"
-    # at once, without its busy timeout (seen on CI: a spawned search worker failed to open the store). Try again.
-    deadline = time.monotonic() + _LOCKED_RETRY_S
-    while True:
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            break
-        except Exception as e:  # the driver's OperationalError
-            if not _is_locked(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
-def sqlite_pragmas(engine) -> None:
-    """On a SQLite engine, every new connection uses write-ahead logging with ``synchronous=NORMAL``: readers
-    and the one writer of several worker processes no longer block each other, and a commit costs no fsync (a
-    power cut may lose the last commits, never corrupt the file). An Optuna trial writes one row per parameter,
-    so this makes a study about 3x faster on SQLite. Other databases are left alone."""
-    if engine.dialect.name != "sqlite" or event.contains(engine, "connect", _set_pragmas):
-        return
-    event.listen(engine, "connect", _set_pragmas)
-    engine.dispose()  # connections opened before now reconnect with the pragmas
-
-
-def _driver_autocommit(dbapi_connection, _record) -> None:
-    dbapi_connection.isolation_level = None  # pysqlite begins no transaction of its own: SQLAlchemy's "begin" does
-
-
-def _begin_immediate(connection) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def sqlite_immediate_transactions(engine) -> None:
-    """On a SQLite engine, every transaction starts with ``BEGIN IMMEDIATE``, taking the write lock first.
-
-    Python's sqlite3 driver opens a transaction only at the first write, so a read followed by a write is two
-    steps that another process can come between. Optuna's storage relies on that pair being atomic (it reads a
-    waiting trial's state "for update", then marks it running), and two workers have both popped the same
-    enqueued trial that way. With this, the second waits for the first to commit, then sees the trial running.
-    Other databases are left alone (PostgreSQL honours FOR UPDATE)."""
-    if engine.dialect.name != "sqlite" or event.contains(engine, "begin", _begin_immediate):
-        return
-    event.listen(engine, "connect", _driver_autocommit)
-    event.listen(engine, "begin", _begin_immediate)
-    engine.dispose()
-
-
-def storage_url(spec: str | os.PathLike) -> str:
-    """A SQLAlchemy URL as given, or ``sqlite:///<path>`` for a file path (its folder is created)."""
-    spec = str(spec)
-    if "://" in spec:
-        return spec
-    path = Path(spec).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
-
-
-def _check_sqlite_folder(url: str) -> None:
-    """A SQLite URL whose folder does not exist: say so (SQLite itself only says 'unable to open database file')."""
-    try:
-        parsed = make_url(url)
-    except Exception:  # reported with the driver's own words when the engine is created
-        return
-    database = parsed.database or ""
-    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
-        return
-    folder = Path(database).expanduser().absolute().parent
-    if not folder.is_dir():
-        raise ValueError(f"cannot open the measurement store {masked_url(url)}: folder {folder} does not exist "
-                         "(create it, or pass a file path instead of a URL: its folder is created)")
-
-
-def masked_url(url: str) -> str:
-    """The URL with its password replaced by ``***``, for messages, logs and output files."""
-    try:
-        parsed = make_url(url)
-        # Without a password, the URL as typed (rendering would escape it: sqlite:///file%3A/... for file:/...).
-        return url if parsed.password is None else parsed.render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can parse: say nothing that might be a secret
-        return "<unparsable storage URL>"
-
-
-def _create_tables(engine, attempts: int = 5) -> None:
-    """Create circtune's tables where missing. Workers opening a new database together race between SQLAlchemy's
-    look for a table and its CREATE: the loser sees "already exists" (SQLite, PostgreSQL) or a duplicate key in
-    PostgreSQL's catalogue, and looks again, when the tables are there. SQLite may also answer "database is
-    locked" at once when the two deadlock on its locks: that is tried again for up to a minute."""
-    attempt, deadline = 0, time.monotonic() + _LOCKED_RETRY_S
-    while True:
-        try:
-            _Base.metadata.create_all(engine)
-            return
-        except DBAPIError as e:
-            text = str(e.orig).lower()
-            if _is_locked(e.orig) and time.monotonic() < deadline:
-                time.sleep(0.05)
-                continue
-            attempt += 1
-            if attempt == attempts or not ("already exists" in text or "duplicate key" in text):
-                raise
-            time.sleep(0.05 * attempt)
-
-
 class MeasurementStore:
     """Measurements and device fingerprints in one SQL database (created on first use)."""
 
     def __init__(self, url: str | os.PathLike):
         self.url = storage_url(url)
-        _check_sqlite_folder(self.url)
-        try:
-            # SQLite: writers from several processes wait for each other's short transactions instead of failing.
-            kwargs = {"connect_args": {"timeout": 60}} if self.url.startswith("sqlite") else {}
-            self.engine = create_engine(self.url, **kwargs)
-            sqlite_pragmas(self.engine)
-            _create_tables(self.engine)
-        except Exception as e:  # a bad URL, a missing driver, an unreachable server: say which store
-            detail = str(e).replace(self.url, masked_url(self.url)).splitlines()[0]
-            if isinstance(e, ModuleNotFoundError) and "psycopg" in str(e):
-                detail += " (PostgreSQL needs the driver: pip install 'circtune[postgres]')"
-            raise ValueError(f"cannot open the measurement store {masked_url(self.url)}: {detail}") from None
+        self.engine = open_engine(self.url)
         self._check_writable()
 
     def _check_writable(self) -> None:
         """Fail at once, not after the first measurement, on a database that takes no writes (a read-only file or
-        folder, a read-only user or transaction): a write that changes nothing must be allowed."""
+        folder, a read-only user or transaction)."""
         try:
-            with Session(self.engine) as s, s.begin():
-                s.execute(delete(_ClaimRow).where(_ClaimRow.key == ""))  # no claim has an empty key
+            _claims.check_writable(self.engine)
         except DBAPIError as e:
             self.engine.dispose()
             detail = str(e.orig).replace(self.url, masked_url(self.url)).splitlines()[0]
@@ -433,49 +267,18 @@ class MeasurementStore:
         return rows
 
     def claim(self, key: MeasurementKey | str, worker: str, timeout_s: float = 900.0) -> bool:
-        """Atomically take ``key`` for ``worker``: True if this worker may measure it now. A claim older than
-        ``timeout_s`` (its worker died) is taken over with a compare-and-set on its timestamp, so two workers
-        never both win it."""
-        with deferred_interrupts():
-            return self._claim(key, worker, timeout_s)
-
-    def _claim(self, key: MeasurementKey | str, worker: str, timeout_s: float) -> bool:
-        digest = _digest(key)
-        now = time.time()
-        try:
-            with Session(self.engine) as s, s.begin():
-                s.add(_ClaimRow(key=digest, worker=worker, claimed_at=now))
-            return True
-        except IntegrityError:
-            pass
-        with Session(self.engine) as s, s.begin():
-            row = s.get(_ClaimRow, digest)
-            if row is None:  # released in between: try again from the top
-                return self._claim(key, worker, timeout_s)
-            if row.worker == worker:
-                return True
-            if now - row.claimed_at < timeout_s and not dead_local_worker(row.worker):
-                return False
-            taken = s.execute(update(_ClaimRow).where(_ClaimRow.key == digest,
-                                                      _ClaimRow.claimed_at == row.claimed_at)
-                              .values(worker=worker, claimed_at=now))
-            return taken.rowcount == 1
+        """Atomically take ``key`` (a measurement's key or a lock's name) for ``worker``: True if this worker may
+        measure it now. A claim older than ``timeout_s`` (its worker died) is taken over, never by two workers."""
+        return _claims.claim(self.engine, _claim_name(key), worker, timeout_s)
 
     def release(self, key: MeasurementKey | str, worker: str) -> None:
         """Drop ``worker``'s claim on ``key`` (a claim another worker has taken over is left alone)."""
-        with deferred_interrupts(), Session(self.engine) as s, s.begin():
-            s.execute(delete(_ClaimRow).where(_ClaimRow.key == _digest(key), _ClaimRow.worker == worker))
+        _claims.release(self.engine, _claim_name(key), worker)
 
-    @contextmanager
     def lock(self, name: str, worker: str, *, poll_s: float = 0.1, timeout_s: float = 900.0):
         """Hold the named lock ``name`` (a claim) for the ``with`` block, waiting while another worker holds it;
         a dead worker's lock is taken over as with :meth:`claim`."""
-        while not self.claim(name, worker, timeout_s):
-            time.sleep(poll_s)
-        try:
-            yield
-        finally:
-            self.release(name, worker)
+        return _claims.lock(self.engine, name, worker, poll_s=poll_s, timeout_s=timeout_s)
 
     def close(self) -> None:
         self.engine.dispose()

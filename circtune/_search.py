@@ -1,21 +1,28 @@
 """The search's study: Optuna around the problem of :mod:`circtune.problem`.
 
-An Optuna study (two objectives: predicted step time and predicted memory; the budget as constraints set with
-``trial.set_constraint``, Optuna 5's way) starts from enqueued trials — the exact optimum, its one-layer neighbours
-and the uniform-C3A baselines — and then lets TPE or NSGA-II explore. A proposal is first moved into the budget
-window by :func:`~circtune.problem.repair` (random per-layer picks almost never land in it), and the repaired
-assignment is what the trial records and is scored on. The study lives in the same database as the measurements
-and resumes by name. :func:`ranked_assignments` orders the feasible trials by the chosen objective; validation
-measures the best few.
+A multi-objective Optuna study — predicted added step time (down), captured capacity (up) and, where it matters
+(:func:`memory_matters`), predicted added memory (down); the budget as constraints set with
+``trial.set_constraint``, Optuna 5's way — starts from enqueued trials: the exact capacity pick
+(:func:`~circtune.allocation.capacity_pick`), points of the exact time-versus-capacity front, the pick's one-layer
+neighbours and the uniform-C3A assignments, and then lets TPE or NSGA-II explore. A proposal is first moved into
+the budget window by :func:`~circtune.problem.repair` (random per-layer picks almost never land in it); the
+problem's options are already cut to the balance windows (:func:`~circtune.allocation.allocate`), so a repaired
+assignment obeys them too. The repaired assignment is what the trial records and is scored on. The study lives in
+the same database as the measurements and resumes by name. :func:`ranked_assignments` orders the feasible trials
+by the pick rule; validation measures the best few.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from .problem import Assignment, Problem, _assignment, pick_order, repair
+
+# Seeds of these sources are enqueued once per study (by label).
+SEEDED = ("optimum", "front", "seed")
 
 SAMPLERS = ("tpe", "nsga2")
 
@@ -82,6 +89,29 @@ def _fail_dead_workers(study, storage) -> int:
     return failed
 
 
+def memory_matters(problem: Problem) -> bool:
+    """Whether predicted memory is the study's third objective: it was measured (some option adds memory) and
+    trades against time — in some layer a faster option adds more memory than a slower one, by at least 1 % of
+    the layer's largest addition. Where memory falls with time (or was not measured), the two other objectives
+    already order it."""
+    for opts in problem.options:
+        top = max((o.mem_mb for o in opts), default=0.0)
+        if not top > 0:
+            continue
+        by_time = sorted(opts, key=lambda o: o.step_ms)
+        least_after = float("inf")
+        for o in reversed(by_time):  # least memory among the slower options, from the slowest down
+            if o.mem_mb > least_after + 0.01 * top:
+                return True
+            least_after = min(least_after, o.mem_mb)
+    return False
+
+
+def study_directions(problem: Problem) -> list[str]:
+    """time down, capacity up, and memory down where :func:`memory_matters`."""
+    return ["minimize", "maximize"] + (["minimize"] if memory_matters(problem) else [])
+
+
 def complete_trials(study) -> list:
     import optuna
 
@@ -120,7 +150,8 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
         # new database would collide there, so one at a time. Seeds likewise.
         with store.lock("optuna-storage", worker):
             rdb = study_storage(storage, heartbeat_s)
-            study = optuna.create_study(study_name=study_name, storage=rdb, directions=["minimize", "minimize"],
+            directions = study_directions(problem)
+            study = optuna.create_study(study_name=study_name, storage=rdb, directions=directions,
                                         sampler=_sampler(sampler, seed), load_if_exists=True)
         _fail_dead_workers(study, rdb)
         with store.lock(f"study-seeds:{study_name}", worker):
@@ -133,19 +164,22 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
                 check_study_identity(study, identity, budget=problem.budget, min_fill=problem.min_fill,
                                      storage=storage, ignore=identity_ignore)
             have = {t.user_attrs.get("label") for t in study.get_trials(deepcopy=False)
-                    if t.user_attrs.get("source") in ("optimum", "seed")}
+                    if t.user_attrs.get("source") in SEEDED}
             for a in seeds:
                 if a.label in have:
                     continue
                 params = {layer.name: labels[i][k] for i, (layer, k) in enumerate(zip(problem.layers, a.choice,
                                                                                        strict=True))}
-                source = "optimum" if a.label == "exact optimum" else "seed"
+                source = ("optimum" if a.label in ("exact optimum", "capacity pick")
+                          else "front" if a.label.startswith("front ") else "seed")
                 study.enqueue_trial(params, user_attrs={"source": source, "label": a.label})
                 have.add(a.label)
     finally:
         store.close()
 
-    def objective(trial) -> tuple[float, float]:
+    with_memory = len(directions) == 3
+
+    def objective(trial) -> tuple[float, ...]:
         check_interrupted()  # a signal that came during Optuna's own work stops here: the trial is recorded failed
         trial.set_user_attr("worker", worker)
         proposed = [labels[i].index(trial.suggest_categorical(layer.name, labels[i]))
@@ -157,7 +191,8 @@ def run_study(problem: Problem, *, storage: str, study_name: str, n_trials: int,
         trial.set_constraint("under_fill", problem.lo - params)
         trial.set_user_attr("params", params)
         trial.set_user_attr("source", trial.user_attrs.get("source", "sampler"))
-        return step_ms, mem_mb
+        capacity = problem.capacity(choice)
+        return (step_ms, capacity, mem_mb) if with_memory else (step_ms, capacity)
 
     def note(study, _trial) -> None:
         done = len(complete_trials(study))
@@ -245,30 +280,48 @@ def trial_assignments(problem: Problem, study) -> list[tuple[object, Assignment]
 
 
 def trials_frame(problem: Problem, study) -> pd.DataFrame:
-    """``trials.csv``: number, state, source, label, step_ms, mem_mb, total_params, feasible, pareto (on the front
-    of (step_ms, mem_mb) among feasible trials)."""
+    """``trials.csv``: number, state, source, label, step_ms, mem_mb, capacity, total_params, feasible, pareto (on
+    the front of the study's objectives among feasible trials: step_ms down, capacity up, and mem_mb down where
+    memory is an objective)."""
     rows = [{"number": t.number, "state": t.state.name, "source": t.user_attrs.get("source", "sampler"),
-             "label": a.label, "step_ms": a.step_ms, "mem_mb": a.mem_mb, "total_params": a.params,
-             "feasible": problem.feasible(a.params)} for t, a in trial_assignments(problem, study)]
-    frame = pd.DataFrame(rows, columns=["number", "state", "source", "label", "step_ms", "mem_mb", "total_params",
-                                        "feasible"])
+             "label": a.label, "step_ms": a.step_ms, "mem_mb": a.mem_mb, "capacity": a.capacity,
+             "total_params": a.params, "feasible": problem.feasible(a.params)}
+            for t, a in trial_assignments(problem, study)]
+    frame = pd.DataFrame(rows, columns=["number", "state", "source", "label", "step_ms", "mem_mb", "capacity",
+                                        "total_params", "feasible"])
     feasible = frame[frame.feasible]
+    # Each objective as "lower is better".
+    axes = [feasible.step_ms.to_numpy(), -feasible.capacity.to_numpy()]
+    if memory_matters(problem):
+        axes.append(feasible.mem_mb.to_numpy())
     front = set()
-    for r in feasible.itertuples():
-        dominated = ((feasible.step_ms <= r.step_ms) & (feasible.mem_mb <= r.mem_mb)
-                     & ((feasible.step_ms < r.step_ms) | (feasible.mem_mb < r.mem_mb))).any()
-        if not dominated:
-            front.add(r.number)
+    for n, number in enumerate(feasible.number):
+        no_worse = np.all([a <= a[n] for a in axes], axis=0)
+        better = np.any([a < a[n] for a in axes], axis=0)
+        if not (no_worse & better).any():
+            front.add(number)
     frame["pareto"] = frame.number.isin(front)
     return frame
 
 
-def ranked_assignments(problem: Problem, study, objective: str, top: int) -> list[Assignment]:
-    """The ``top`` best feasible assignments of the study under ``objective``, distinct up to swapping layers of
-    one shape (those predict the same)."""
+def ranked_assignments(problem: Problem, study, objective: str, top: int, *, tolerance: float | None = None,
+                       best_capacity: float | None = None) -> list[Assignment]:
+    """The ``top`` best feasible assignments of the study, distinct up to swapping layers of one shape (those
+    predict the same). Without ``tolerance``: ordered by ``objective``. With it, by the pick rule
+    (:mod:`circtune.allocation`): first those whose capacity is at least ``(1 - tolerance) · best_capacity``,
+    ordered by ``objective`` (the exact capacity pick, enqueued, comes first unless a trial beats it under the
+    rule), then the others, most capacious first."""
+    from .allocation import eligible
+
     seen, unique = set(), []
     for _, a in trial_assignments(problem, study):
         if problem.feasible(a.params) and problem.signature(a.choice) not in seen:
             seen.add(problem.signature(a.choice))
             unique.append(a)
-    return pick_order(unique, objective)[:top]
+    if tolerance is None:
+        return pick_order(unique, objective)[:top]
+    best = max((a.capacity for a in unique), default=0.0) if best_capacity is None else best_capacity
+    ok = [a for a in unique if eligible(a, best, tolerance)]
+    rest = sorted((a for a in unique if not eligible(a, best, tolerance)),
+                  key=lambda a: (-a.capacity, a.step_ms, a.mem_mb))
+    return (pick_order(ok, objective) + rest)[:top]

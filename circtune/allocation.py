@@ -356,6 +356,6 @@ def capacity_pick(problem: Problem, tolerance: float = 0.05, objective: str = "l
     return _assignment(problem, choice, "capacity pick")
 
 
-def eligible(problem: Problem, a: Assignment, best: float, tolerance: float) -> bool:
+def eligible(a: Assignment, best: float, tolerance: float) -> bool:
     """Whether ``a`` meets the pick rule's capacity floor ``(1 − tolerance)·best`` (within rounding)."""
     return a.capacity >= (1.0 - tolerance) * best - _REL * max(1.0, abs(best))

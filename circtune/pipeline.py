@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import socket
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -25,12 +26,14 @@ from ._search import (
     trials_frame,
 )
 from .adapters.config import AdapterConfig
+from .allocation import allocate, best_capacity, capacity_front, capacity_pick, eligible, supported_points
 from .cost import ok_table, summed_cost
 from .measure.store import MeasurementStore, masked_url, this_worker
 from .measure.timing import TimingSettings
 from .models import ModelInfo, build_model
 from .options import WHOLE_MODEL, SearchOptions
 from .outputs import record, same_identity, written_by
+from .pick_files import ALLOCATION_FILE, FRONT_FILE, allocation_frame, baseline_rows, front_frame
 from .problem import Assignment, Problem, build_problem, exact_optimum, neighbours, to_layer_map, uniform_c3a
 from .report.render import write_report
 from .space import DTYPES, Candidate, lora_rank_for_budget
@@ -135,16 +138,24 @@ def validation_frame(results: Sequence[Validation], base: Validation | None, pic
 
 def run_search(opts: SearchOptions, *, model: ModelInfo, info, settings, out: Path, storage: str,
                frame: pd.DataFrame, batch: int, seq_len: int, dtype: str, command: str | None,
-               identity: dict | None = None) -> dict:
+               identity: dict | None = None, capacity=None, calibration: dict | None = None) -> dict:
     """Everything after profiling; returns the summary that the CLI prints, with the files ``written`` (or, when
     another worker writes or wrote this study's outputs, ``{"skipped": why}``). ``identity`` is what the output
-    folder's manifest records for every file (the options that decide their content)."""
+    folder's manifest records for every file (the options that decide their content); ``capacity`` the layers'
+    :class:`~circtune.capacity.Capacity` (None: no capacity, the latency-only pick); ``calibration`` what the
+    metadata says of the calibration texts (None without)."""
     identity = dict(identity or {})
     here = frame[(frame.tokens == settings.tokens) & (frame.dtype == dtype)]
-    problem = build_problem(model.targets, here, opts.budget, opts.min_fill, methods=opts.methods,
-                            backends=opts.backends)
-    optimum = exact_optimum(problem)
-    seeds = [optimum, *neighbours(problem, optimum), *uniform_c3a(problem)]
+    full = build_problem(model.targets, here, opts.budget, opts.min_fill, methods=opts.methods,
+                         backends=opts.backends, capacity=capacity)
+    problem = allocate(full, capacity, opts.allocation)
+    pick = capacity_pick(problem, opts.capacity_tolerance, opts.objective)
+    front = capacity_front(problem)
+    seeds = [pick, *_spread(supported_points(front), 12), *_spread(front, 12), *neighbours(problem, pick),
+             *uniform_c3a(problem)]
+    choice = {"full": full, "pick": pick, "front": front, "best": best_capacity(problem),
+              "latency_only": replace(exact_optimum(full), label="latency-only optimum"), "capacity": capacity,
+              "calibration": calibration}
     name = opts.study_name or f"circtune-{model.name}-{info.fingerprint}-t{settings.tokens}-{dtype}-{problem.key()}"
     worker = this_worker()
     chosen = {**study_identity(identity), "problem": problem.key()}
@@ -166,7 +177,7 @@ def run_search(opts: SearchOptions, *, model: ModelInfo, info, settings, out: Pa
                                    f"{written['worker']} to {written['folder']} ({_own_trials(study, worker)}); "
                                    "pass a larger --trials to search further"}
             summary = _write_outputs(opts, model=model, info=info, settings=settings, out=out,
-                                     storage=storage, problem=problem, here=here, optimum=optimum, study=study,
+                                     storage=storage, problem=problem, here=here, choice=choice, study=study,
                                      name=name, batch=batch, seq_len=seq_len, dtype=dtype, command=command)
             trials = len(complete_trials(study))
             record(out, summary["written"], subcommand="search", command=command, identity=identity, study=name,
@@ -183,7 +194,8 @@ def run_search(opts: SearchOptions, *, model: ModelInfo, info, settings, out: Pa
 def study_identity(identity: dict) -> dict:
     """A study's identity: what it chooses from. Its name, its trial count and how its outputs are picked and
     validated are not part of it."""
-    return {k: v for k, v in identity.items() if k not in ("study_name", "objective", "top", "validate")}
+    return {k: v for k, v in identity.items()
+            if k not in ("study_name", "objective", "top", "validate", "capacity_tolerance")}
 
 
 def check_named_study(storage: str, name: str | None, identity: dict, budget: int, min_fill: float) -> None:
@@ -203,8 +215,16 @@ def _own_trials(study, worker: str) -> str:
     return f"{len(trials)} trials, {mine} of them from this worker"
 
 
+def _spread(points: Sequence[Assignment], limit: int) -> list[Assignment]:
+    """At most ``limit`` of ``points``, evenly spaced along them (both ends kept): the front's seeds."""
+    if len(points) <= limit:
+        return list(points)
+    return [points[round(i * (len(points) - 1) / (limit - 1))] for i in range(limit)]
+
+
 def _output_options(opts: SearchOptions) -> dict:
-    return {"objective": opts.objective, "top": opts.top, "validate": opts.validate}
+    return {"objective": opts.objective, "top": opts.top, "validate": opts.validate,
+            "capacity_tolerance": opts.capacity_tolerance}
 
 
 def _outputs_written(study, opts: SearchOptions, out: Path, name: str, identity: dict) -> dict | None:
@@ -225,15 +245,16 @@ def _outputs_written(study, opts: SearchOptions, out: Path, name: str, identity:
 
 
 def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out: Path,
-                   storage: str, problem: Problem, here: pd.DataFrame, optimum: Assignment, study, name: str,
+                   storage: str, problem: Problem, here: pd.DataFrame, choice: dict, study, name: str,
                    batch: int, seq_len: int, dtype: str, command: str | None) -> dict:
-    from .problem import pick_order
-
     trials = trials_frame(problem, study)
     write_csv_atomic(trials, out / "trials.csv")
-    top = ranked_assignments(problem, study, opts.objective, opts.top)
-    if not top:  # cannot happen with the optimum enqueued, unless the study was made from other measurements
-        top = pick_order([optimum], opts.objective)
+    best, tolerance = choice["best"].capacity, opts.capacity_tolerance
+    top = ranked_assignments(problem, study, opts.objective, opts.top, tolerance=tolerance, best_capacity=best)
+    if not top:  # cannot happen with the pick enqueued, unless the study was made from other measurements
+        top = [choice["pick"]]
+    # Measurement may move the pick only among the candidates that meet the capacity rule.
+    ruled = max(1, sum(eligible(a, best, tolerance) for a in top))
 
     results: list[Validation] = []
     base = None
@@ -242,7 +263,7 @@ def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out
         net = build_model(model.spec, device=device, dtype=DTYPES[dtype])
         plans = [candidate_plan(candidate_label(i), adapter_config(model, problem, a), a.params, a.step_ms,
                                 a.mem_mb) for i, a in enumerate(top)]
-        plans += baseline_plans(model, problem, here, opts.budget)
+        plans += baseline_plans(model, choice["full"], here, opts.budget)
         timing = whole_model_timing(device.type, opts.validate_min_time)
         results = validate(net, [t.name for t in model.targets], plans, batch=batch, seq_len=seq_len,
                            dtype=DTYPES[dtype], timing=timing, progress=opts.progress)
@@ -250,14 +271,14 @@ def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out
         base = next((v for v in results if v.label == "no adapter" and v.step is not None), None)
     base_ms = base.step.median if base else None
     measured = {v.label: v for v in results if v.kind == "candidate"}
-    index = choose(top, measured, opts.objective) if results else 0
+    index = choose(top[:ruled], measured, opts.objective) if results else 0
     pick, picked = top[index], measured.get(candidate_label(index))
     write_csv_atomic(validation_frame(results, base, candidate_label(index)), out / "validation.csv")
     added = picked.overhead if picked else None
     meta = {
         "model_spec": model.spec, "budget": opts.budget, "min_fill": opts.min_fill, "objective": opts.objective,
         "total_params": pick.params, "predicted_overhead_ms": pick.step_ms,
-        "optimum_overhead_ms": optimum.step_ms, "base_step_ms": base_ms,
+        "optimum_overhead_ms": choice["latency_only"].step_ms, "base_step_ms": base_ms,
         "predicted_step_ms": None if base_ms is None else base_ms + pick.step_ms,
         "measured_step_ms": picked.step.median if picked and picked.step else None,
         "predicted_extra_mem_mb": pick.mem_mb, "predicted_mem_mb": _plus(base.mem_mb if base else None, pick.mem_mb),
@@ -266,13 +287,20 @@ def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out
         "measured_overhead_ms_p25": added and added.p25, "measured_overhead_ms_p75": added and added.p75,
         "measured_overhead_pct": picked.overhead_pct if picked else None,
         "device": info.to_dict(), "tokens": settings.tokens, "batch_size": batch, "seq_len": seq_len,
-        "dtype": dtype, "command": command,
+        "dtype": dtype, "command": command, "allocation": opts.allocation,
+        "capacity_source": choice["capacity"].source if choice["capacity"] is not None else None,
+        "capacity": pick.capacity, "capacity_best": best, "capacity_tolerance": tolerance,
+        "calibration": choice["calibration"],
         "study": {"name": name, "storage": masked_url(storage), "trials": len(complete_trials(study)),
                   "sampler": opts.sampler},
     }
     config = adapter_config(model, problem, pick, **meta)
     config.save(out / "adapter_config.json")
-    written = ["trials.csv", "validation.csv", "adapter_config.json"]
+    candidates = [(candidate_label(i), a) for i, a in enumerate(top)]
+    baselines = baseline_rows(model, choice["full"], here, opts.budget, choice["capacity"], choice["latency_only"])
+    write_csv_atomic(front_frame(choice["front"], candidates, baselines, candidate_label(index)), out / FRONT_FILE)
+    write_csv_atomic(allocation_frame(problem, pick, choice["capacity"]), out / ALLOCATION_FILE)
+    written = ["trials.csv", "validation.csv", "adapter_config.json", FRONT_FILE, ALLOCATION_FILE]
     if all(lc.method == "c3a" for lc in config.layers.values()) and _write_peft(config, out / "peft"):
         written.append("peft/adapter_config.json")
     elif (out / "peft").is_dir():  # a previous pick's PEFT config would contradict this one
@@ -280,7 +308,8 @@ def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out
     write_report(out, plotlyjs=opts.plotlyjs)
     written.append("report.html")
     keys = ("total_params", "budget", "predicted_overhead_ms", "measured_overhead_ms", "optimum_overhead_ms",
-            "base_step_ms", "predicted_step_ms", "measured_step_ms", "predicted_mem_mb", "measured_mem_mb")
+            "base_step_ms", "predicted_step_ms", "measured_step_ms", "predicted_mem_mb", "measured_mem_mb",
+            "allocation", "capacity_source", "capacity", "capacity_best", "capacity_tolerance")
     return {"printed": {k: meta[k] for k in keys}, "config": config, "written": written}
 
 

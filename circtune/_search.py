@@ -73,19 +73,21 @@ def _fail_dead_workers(study, storage) -> int:
 
     import optuna
 
+    from ._optuna_compat import trial_id
     from .measure.store import dead_local_worker
 
     failed = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if not dead_local_worker(t.user_attrs.get("worker", "")):
             continue
+        tid = trial_id(storage, study, t)  # Optuna's FrozenTrial has the id only as a private attribute
         try:
-            if not storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL):
+            if not storage.set_trial_state_values(tid, optuna.trial.TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
             continue
         failed += 1
-        storage.get_heartbeat_stale_trial_callback()(study, copy.deepcopy(storage.get_trial(t._trial_id)))
+        storage.get_heartbeat_stale_trial_callback()(study, copy.deepcopy(storage.get_trial(tid)))
     return failed
 
 

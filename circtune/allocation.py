@@ -102,8 +102,9 @@ def allocate(problem: Problem, capacity: Capacity | None, allocation: str = "bal
     empty = [i for i, opts in enumerate(restricted.options) if not opts]
     if not empty and _reaches_window(restricted):
         return restricted
-    rule = (f"--allocation balanced (each layer within {BALANCE[0]:g}-{BALANCE[1]:g}x its share of the budget by "
-            f"{'gradient energy' if capacity is not None and capacity.source == 'calibration' else 'layer count'})")
+    by_energy = capacity is not None and capacity.source == "calibration"
+    rule = (f"--allocation balanced (each layer within {BALANCE[0]:g}-{BALANCE[1]:g}x "
+            f"{'its share of the budget by gradient energy' if by_energy else 'the mean share of the budget'})")
     if empty:
         names = ", ".join(f"{problem.layers[i].name} ({math.ceil(windows[i][0]):,}..{math.floor(windows[i][1]):,})"
                           for i in empty[:3])
@@ -114,7 +115,7 @@ def allocate(problem: Problem, capacity: Capacity | None, allocation: str = "bal
                f"(--min-fill {problem.min_fill:g})")
     ranges = working_budgets(problem, layer_energy(problem, capacity))
     near = _nearest(ranges, problem.budget)
-    spans = " or ".join(f"{format_count(a)}..{format_count(b)}" if a != b else format_count(a) for a, b in near)
+    spans = " or ".join(f"{a:,}..{b:,}" if a != b else f"{a:,}" for a, b in near)
     works = f"budgets {spans} meet the rule" if near else "no budget meets the rule with this space"
     raise BudgetError(f"budget {format_count(problem.budget)} cannot be met under {rule}: {why}; {works}; or pass "
                       "--allocation free")

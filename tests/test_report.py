@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -13,9 +14,11 @@ from circtune._io import write_csv_atomic
 from circtune.adapters.config import AdapterConfig, LayerConfig
 from circtune.measure.store import Measurement, MeasurementKey, to_frame
 from circtune.measure.timing import Spread
+from circtune.pipeline import validation_frame
 from circtune.report.data import FolderError, build_report_data, load_folder, pareto_front, short_modules
 from circtune.report.render import render_html, write_report
 from circtune.space import Candidate
+from circtune.validate import Validation
 
 # Two shapes, two layer indices and one unindexed layer. Times are per layer (ms) added over the frozen layer,
 # except "none" (absolute); FLOPs include the base layer's (1e6 for 64x64, 2e6 for 64x128).
@@ -48,21 +51,33 @@ H100 = {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "index": 0,
         "properties": {"total_memory_mb": 81559, "sm_count": 132, "power_limit_w": 700},
         "software": {"torch": "2.13.0", "triton": "3.5.0", "circtune": "0.1.0", "python": "3.11.7", "cuda": "12.8"},
         "fingerprint": "aaaa1111aaaa1111"}
-VALIDATION = [  # deliberately not in display order
-    {"label": "LoRA r=2", "kind": "baseline", "total_params": 1408, "predicted_step_ms": "", "measured_step_ms": 115.0,
-     "predicted_mem_mb": "", "measured_mem_mb": 530.0, "picked": False},
-    {"label": "uniform c3a p=32", "kind": "baseline", "total_params": 896, "predicted_step_ms": 108.5,
-     "measured_step_ms": 111.0, "predicted_mem_mb": 505.0, "measured_mem_mb": 515.0, "picked": False},
-    {"label": "top-2", "kind": "candidate", "total_params": 1400, "predicted_step_ms": 108.0, "measured_step_ms": 109.0,
-     "predicted_mem_mb": 502.0, "measured_mem_mb": 512.0, "picked": False},
-    {"label": "no adapter", "kind": "baseline", "total_params": 0, "predicted_step_ms": 100.0,
-     "measured_step_ms": 100.0, "predicted_mem_mb": 480.0, "measured_mem_mb": 480.0, "picked": False},
-    {"label": "pick", "kind": "candidate", "total_params": 1408, "predicted_overhead_ms": 7.7,
-     "predicted_step_ms": 107.7, "measured_step_ms": 110.0, "measured_step_ms_p25": 108.0,
-     "measured_step_ms_p75": 112.0, "predicted_mem_mb": 500.0, "measured_mem_mb": 520.0, "picked": True},
-    {"label": "PEFT C3A p=16", "kind": "baseline", "total_params": 1280, "predicted_step_ms": "",
-     "measured_step_ms": "", "predicted_mem_mb": "", "measured_mem_mb": "", "picked": False,
-     "status": "failed: out of memory"},
+def _validation(label, kind, params, predicted_ms, predicted_mem, added=None, mem=None, status="ok"):
+    """A whole-model result as validate() returns it: the frozen step is (99, 100, 101) ms in every plan's pairs,
+    ``added`` the (p25, median, p75) of the per-pair differences."""
+    if added is None:
+        return Validation(label, kind, params, predicted_ms, predicted_mem, status=status)
+    base = Spread(99.0, 100.0, 101.0)
+    step = Spread(*(100.0 + a for a in added))
+    return Validation(label, kind, params, predicted_ms, predicted_mem, step, mem, status, base_step=base,
+                      overhead=Spread(*added))
+
+
+VALIDATION = [  # deliberately not in display order; the pick is the second best predicted (measured faster)
+    _validation("LoRA r=2", "baseline", 1408, None, None, (13.0, 15.0, 17.0), 530.0),
+    _validation("uniform c3a p=32", "baseline", 896, 8.5, 25.0, (9.0, 11.0, 13.0), 515.0),
+    _validation("predicted #1", "candidate", 1400, 8.0, 22.0, (11.0, 13.0, 15.0), 512.0),
+    _validation("no adapter", "baseline", 0, 0.0, 0.0, (-1.0, 0.0, 1.0), 480.0),
+    _validation("predicted #2", "candidate", 1408, 7.7, 20.0, (8.0, 10.0, 12.0), 520.0),
+    _validation("PEFT C3A p=16", "baseline", 1280, None, None, status="failed: out of memory"),
+]
+FRONT = [  # label, kind, params, step_ms, mem_mb, capacity, picked (the contract's front.csv)
+    ("front 1", "front", 1200, 6.5, 4.0, 0.30, False), ("front 2", "front", 1408, 7.7, 5.2, 0.42, False),
+    ("predicted #2", "candidate", 1408, 7.7, 5.2, 0.42, True),
+    ("predicted #1", "candidate", 1400, 8.0, 5.0, 0.40, False),
+    ("uniform c3a p=32", "baseline", 896, 8.5, 4.4, 0.25, False),
+    ("LoRA r=2", "baseline", 1408, 12.0, 6.0, 0.55, False),
+    ("PEFT C3A p=16", "baseline", 1280, 20.0, 9.0, 0.35, False),
+    ("latency-only optimum", "baseline", 1390, 6.0, 5.0, 0.20, False),
 ]
 TRIALS = [  # number, source, label, step_ms, mem_mb, total_params, feasible, pareto
     (0, "optimum", "exact optimum", 7.7, 5.2, 1408, True, True),
@@ -78,12 +93,15 @@ def write_run(folder, *, model="tiny-llama", budget=1500, device=H100, scale=Non
     """A search folder; ``scale`` maps a candidate (method, p, m, transform, backend) to a time factor, ``extra``
     adds measured rows ({shape: {candidate: (params, step_ms, mem, flops)}})."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = files or ("profile.json", "trials.csv", "validation.csv")
+    files = files or ("profile.json", "trials.csv", "validation.csv", "validated", "front.csv", "allocation.csv")
     layers = {name: cfg for name, (_, cfg) in pick.items()}
     config = {"format": "circtune.adapter/1", "base_model": model, "layers": layers, "budget": budget,
               "min_fill": 0.9, "total_params": 1408, "predicted_overhead_ms": 7.7, "optimum_overhead_ms": 7.7,
               "base_step_ms": 100.0, "predicted_step_ms": 107.7, "measured_step_ms": 110.0, "predicted_mem_mb": 500.0,
               "measured_mem_mb": 520.0, "device": device, "tokens": 256, "dtype": "bf16",
+              "pick_label": "predicted #2", "measured_overhead_ms": 10.0, "measured_overhead_ms_p25": 8.0,
+              "measured_overhead_ms_p75": 12.0, "capacity_source": "calibration", "capacity": 0.42,
+              "capacity_tolerance": 0.05, "allocation": "balanced",
               "command": f"circtune search --model {model} --budget {budget}", "objective": "latency",
               "study": {"name": "s-1", "storage": "sqlite:///circtune.db", "trials": 5}}
     # Both files through the writers a search uses: what the report reads is what the producer writes.
@@ -110,14 +128,26 @@ def write_run(folder, *, model="tiny-llama", budget=1500, device=H100, scale=Non
             w.writerow(["number", "state", "source", "label", "step_ms", "mem_mb", "total_params", "feasible",
                         "pareto"])
             w.writerows([(n, "COMPLETE", *rest) for n, *rest in TRIALS])
-    if "validation.csv" in files:
-        cols = ["label", "kind", "total_params", "predicted_overhead_ms", "predicted_step_ms", "measured_step_ms",
-                "measured_step_ms_p25", "measured_step_ms_p75", "predicted_mem_mb", "measured_mem_mb", "picked",
-                "status"]
-        with open(folder / "validation.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, cols)
-            w.writeheader()
-            w.writerows([{"status": "ok", **row} for row in VALIDATION])
+    if "validation.csv" in files:  # by the search's writer, from validate()'s results
+        base = next(v for v in VALIDATION if v.label == "no adapter")
+        results = VALIDATION if "validated" in files else []
+        write_csv_atomic(validation_frame(results, base, "predicted #2"), folder / "validation.csv")
+    if "front.csv" in files:
+        with open(folder / "front.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["label", "kind", "params", "step_ms", "mem_mb", "capacity", "picked"])
+            w.writerows(FRONT)
+    if "allocation.csv" in files:
+        with open(folder / "allocation.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["layer", "d_in", "d_out", "method", "block_size", "factors", "backend", "transform", "params",
+                        "share", "window_lo", "window_hi", "energy", "fraction", "capacity"])
+            for name, (shape, cfg) in pick.items():
+                c = Candidate.from_layer(cfg)
+                params = c.params(*shape)
+                w.writerow([name, *shape, c.method, c.block_size, c.factors or "", c.backend, c.transform or "",
+                            params, 280, 140, 560, 0.2, params / (shape[0] * shape[1]),
+                            0.2 * params / (shape[0] * shape[1])])
     return folder
 
 
@@ -227,12 +257,17 @@ def test_short_module_names():
 
 def test_bars_order_and_validation(data):
     bars = data["pick"]["bars"]
-    assert [b["label"] for b in bars] == ["pick", "top-2", "no adapter", "LoRA r=2", "PEFT C3A p=16",
+    assert [b["label"] for b in bars] == ["predicted #2", "predicted #1", "no adapter", "LoRA r=2", "PEFT C3A p=16",
                                          "uniform c3a p=32"]
     assert bars[0]["picked"] and bars[0]["measured_step_ms_p75"] == 112.0
+    assert (bars[0]["measured_overhead_ms_p25"], bars[0]["measured_overhead_ms"], bars[0]["overhead_pct"]) == (
+        8.0, 10.0, 10.0)
+    assert {b["label"]: b["within_noise_of_pick"] for b in bars} == {
+        "predicted #2": True, "predicted #1": True, "no adapter": False, "LoRA r=2": False, "PEFT C3A p=16": None,
+        "uniform c3a p=32": True}
     v = {r["label"]: r for r in data["validation"]}
-    assert set(v) == {"pick", "top-2", "no adapter", "uniform c3a p=32"}  # LoRA, PEFT: nothing predicted
-    assert v["pick"]["step_error_pct"] == pytest.approx(100 * (107.7 - 110.0) / 110.0)
+    assert set(v) == {"predicted #2", "predicted #1", "no adapter", "uniform c3a p=32"}  # LoRA: nothing predicted
+    assert v["predicted #2"]["step_error_pct"] == pytest.approx(100 * (107.7 - 110.0) / 110.0)
 
 
 def test_search_history(data):
@@ -281,7 +316,7 @@ def test_inline_html_is_self_contained_and_cdn_is_small(tmp_path):
     assert inline == folder / "report.html"
     text = inline.read_text()
     assert not re.search(r"<script[^>]+src=", text) and "<link" not in text
-    assert text.count("Plotly.newPlot") == text.count('class="plotly-graph-div"') == 15
+    assert text.count("Plotly.newPlot") == text.count('class="plotly-graph-div"') == 17
     cdn = write_report(folder, tmp_path / "cdn.html", plotlyjs="cdn").read_text()
     assert re.findall(r'<script[^>]+src="([^"]+)"', cdn) == [re.search(r"https://cdn\.plot\.ly/plotly-[\d.]+\.min\.js",
                                                                        cdn).group(0)]
@@ -324,7 +359,7 @@ def test_report_and_compare_render_in_headless_chromium(tmp_path):
         ("c3a", "16", "", "", "dense"): 3.0})
     compare = write_compare([tmp_path / "a", other], tmp_path / "compare.html")
     runs = [(path, charts, _chromium(path, tmp_path / f"profile-{i}"))
-            for i, (path, charts) in enumerate([(report, 15), (compare, 3)])]
+            for i, (path, charts) in enumerate([(report, 17), (compare, 3)])]
     for path, charts, proc in runs:
         dom, log = proc.communicate(timeout=120)
         assert dom.count('class="plotly-graph-div') == charts, path
@@ -332,3 +367,112 @@ def test_report_and_compare_render_in_headless_chromium(tmp_path):
         assert dom.count('class="main-svg"') >= charts, path
         console = [line for line in log.splitlines() if ":CONSOLE" in line]
         assert console == [], (path, console)
+
+
+# --------------------------------------------------------------------------------------------------- the answers
+def _text(html: str) -> str:
+    """The page's visible text, tags dropped and entities decoded, whitespace collapsed."""
+    import html as html_lib
+
+    return re.sub(r"\s+", " ", html_lib.unescape(re.sub(r"<[^>]+>", " ", html)))
+
+
+def test_verdict_answers_first(tmp_path, data):
+    v = data["verdict"]
+    assert v["validated"] and v["pick"]["label"] == "predicted #2" and v["pick"]["paired"]
+    assert (v["pick"]["ms"], v["pick"]["pct"], v["pick"]["interval"]) == (10.0, 10.0, (8.0, 12.0))
+    said = {c["label"]: c["sentence"] for c in v["comparisons"]}
+    assert list(said) == ["LoRA r=2", "PEFT C3A p=16", "uniform c3a p=32"]
+    assert said["LoRA r=2"] == ("LoRA r=2 measured 5 ms slower than the pick (adds 15 ms, +15.0 %), outside noise; "
+                                "it captures 55.0 % of the gradient energy against the pick's 42.0 %.")
+    assert said["uniform c3a p=32"].startswith("uniform c3a p=32 measured 1 ms slower than the pick") and (
+        "within noise" in said["uniform c3a p=32"])
+    assert said["PEFT C3A p=16"] == "PEFT C3A p=16: not measured (failed: out of memory)."
+    folder = write_run(tmp_path / "run")
+    page = _text(render_html(build_report_data(load_folder(folder)), plotlyjs="cdn"))
+    head = page[:page.index("Time against capacity")]
+    assert "The pick (predicted #2) adds 10 ms (+10.0 %) to the frozen model's 100 ms training step" in head
+    assert "p25–p75 8 to 12 ms, measured paired with the frozen model; predicted 7.7 ms" in head
+    assert f'model = circtune.apply_adapter(model, "{folder}/adapter_config.json")' in head
+    assert "capacity from the calibration texts' gradients" in head
+    assert "Noise floor: the frozen model paired with itself adds 0 ms" in head
+    # the run's metadata and the device table come after the answers
+    assert page.index("sm_count 132") > page.index("How it was measured") > page.index("The answer")
+
+
+def test_front_and_allocation_charts(tmp_path, data):
+    front = data["front"]
+    assert [p["label"] for p in front["points"] if p["picked"]] == ["predicted #2"]
+    assert {p["label"] for p in front["points"] if p["kind"] == "baseline"} == {
+        "uniform c3a p=32", "LoRA r=2", "PEFT C3A p=16", "latency-only optimum"}
+    rows = data["allocation"]
+    assert [r["short"] for r in rows] == ["0.q_proj", "1.q_proj", "0.up_proj", "1.up_proj", "lm_head"]
+    assert rows[0]["config"] == "c3a p=16" and rows[2]["config"] == "cdvft p=32 m=2"
+    assert (rows[0]["share"], rows[0]["window_lo"], rows[0]["window_hi"]) == (280, 140, 560)
+    html = render_html(data, plotlyjs="cdn")
+    assert 'id="front-chart"' in html and 'id="allocation-chart"' in html
+    from circtune.report.charts import front_figure
+
+    fig = front_figure(front)
+    names = [t.name for t in fig.data]
+    assert names == ["front (exact)", "validated candidates", "uniform c3a p=32", "LoRA r=2", "PEFT C3A p=16",
+                     "latency-only optimum", "pick (predicted #2)"]
+    assert fig.data[-1].x == (42.0,) and fig.data[-1].y == (7.7,)
+    # without the files (an older run): notes instead of charts
+    old = build_report_data(load_folder(write_run(tmp_path / "old", files=("profile.json", "validation.csv",
+                                                                             "validated"))))
+    assert old["front"] is None and old["allocation"] is None
+    html = render_html(old, plotlyjs="cdn")
+    assert 'id="front-chart"' not in html and 'id="allocation-chart"' not in html
+    assert "No front.csv in this folder" in html and "No allocation.csv" in html
+
+
+def test_a_no_validate_run_shows_no_empty_charts(tmp_path):
+    folder = write_run(tmp_path / "skip", files=("profile.json", "trials.csv", "validation.csv", "front.csv"))
+    data = build_report_data(load_folder(folder))
+    assert not data["verdict"]["validated"] and data["validation"] == [] and data["pick"]["bars"] == []
+    html = render_html(data, plotlyjs="cdn")
+    for div in ("pick-step", "pick-overhead", "pick-mem", "pred-step", "pred-mem"):
+        assert f'id="{div}"' not in html
+    page = _text(html)
+    assert "Not measured on the whole model: validation was skipped (--no-validate)" in page
+    assert "The pick's predicted added time is 7.7 ms per step" in page
+
+
+def test_predicted_against_measured_points_carry_no_text_labels(data):
+    from circtune.report.charts import predicted_figure
+
+    fig = predicted_figure(data["validation"], "step")
+    points = [t for t in fig.data if t.name != "measured = predicted"]
+    assert all(t.mode == "markers" and t.text is None for t in points)
+    assert [t.name for t in points] == ["pick (predicted #2)", "predicted #1", "no adapter", "uniform c3a p=32"]
+
+
+def test_memory_and_noise_checks():
+    from circtune.report.verdict import memory_check, noisy
+
+    bars = [{"label": "predicted #3", "picked": True, "predicted_mem_mb": 333.0, "measured_mem_mb": 223.0},
+            {"label": "LoRA r=1", "picked": False, "predicted_mem_mb": 230.0, "measured_mem_mb": 223.0}]
+    m = memory_check(bars)
+    assert [(o["label"], round(o["off_pct"])) for o in m["rows"]] == [("predicted #3", 49)]
+    assert m["why"].startswith("the additive model over-counts")
+    assert memory_check(bars[1:]) is None
+    steps = [{"label": "a", "measured_step_ms_p25": 90.0, "measured_step_ms": 100.0, "measured_step_ms_p75": 120.0},
+             {"label": "b", "measured_step_ms_p25": 95.0, "measured_step_ms": 100.0, "measured_step_ms_p75": 105.0}]
+    lora = [{"label": f"lora r={r}", "method": "lora", "factors": r, "variant": "", "params": 100 * r,
+             "step_ms": ms} for r, ms in ((1, 2.0), (2, 2.2), (3, 77.9), (4, 2.4), (5, 2.5))]
+    flagged = noisy(steps, [{"d_in": 64, "d_out": 64, "candidates": [], "baselines": lora}])
+    assert flagged == ["whole model, a: step 100 ms with p25–p75 90–120 ms (spread 30 % of the median)",
+                       "64 × 64, lora r=3: 77.9 ms against 2.2 and 2.4 ms for its neighbours lora r=2 and lora r=4"]
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent for p in (Path(__file__).parent.parent / "reports").glob(
+    "*/adapter_config.json")), ids=lambda p: p.name)
+def test_committed_reports_still_render(folder):
+    data = build_report_data(load_folder(folder))
+    json.dumps(data, allow_nan=False)
+    page = _text(render_html(data, plotlyjs="cdn"))
+    assert "The answer" in page and "circtune.apply_adapter(model," in page
+    if data["verdict"]["validated"]:  # an older run: the added time is the difference of two unpaired medians
+        assert "not paired" in page and "LoRA r=" in page
+    assert data["front"] is None and "No front.csv in this folder" in page

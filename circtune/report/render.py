@@ -121,7 +121,7 @@ def _front_html(front: Mapping[str, Any] | None) -> list[str]:
             if tol is not None else "")
     return out + [f'<p class="muted">Predicted added step time (summed per layer) against the share of the '
                   f"weighted gradient energy each assignment can express.{esc(rule)}</p>",
-                  figure(front_figure(front), "front", 480),
+                  figure(front_figure(front), "front-chart", 480),
                   table(["point", "kind", "parameters", "added ms", "added MiB", "capacity %"],
                         [[display(r), r["kind"], r["params"], r["step_ms"], r["mem_mb"], 100 * r["capacity"]]
                          for r in front["points"] if r["kind"] != "front"])]
@@ -132,7 +132,7 @@ def _allocation_html(rows: Sequence[Mapping[str, Any]] | None) -> list[str]:
     if not rows:
         return out + [note("No allocation.csv in this folder (a run of an older circtune): the per-layer parameters "
                            "and capacity are not shown.")]
-    return out + [figure(allocation_figure(rows), "allocation", 640)]
+    return out + [figure(allocation_figure(rows), "allocation-chart", 640)]
 
 
 def _checks_html(checks: Mapping[str, Sequence[str]]) -> list[str]:

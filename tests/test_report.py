@@ -476,3 +476,50 @@ def test_committed_reports_still_render(folder):
     if data["verdict"]["validated"]:  # an older run: the added time is the difference of two unpaired medians
         assert "not paired" in page and "LoRA r=" in page
     assert data["front"] is None and "No front.csv in this folder" in page
+
+
+# --------------------------------------------------------------------------------------------------- real writers
+@pytest.fixture(scope="session")
+def searched(tmp_path_factory):
+    """Two folders written by a real search of a tiny model (validated with a zero timing floor, and again with
+    --no-validate on the same store): the report reads exactly what the writers write."""
+    from tiny_models import tiny_roberta
+
+    import circtune
+    from circtune.options import SearchOptions
+
+    tmp = tmp_path_factory.mktemp("searched")
+    space = tmp / "space.toml"
+    space.write_text('methods = ["c3a"]\nblock_sizes = [8, 16, 32]\ntransforms = ["rfft"]\nbackends = ["torch"]\n')
+    fast = {"warmup": 0, "min_reps": 2, "max_reps": 2, "min_time": 0, "progress": False, "device": "cpu"}
+    common = dict(model=str(tiny_roberta(tmp / "tiny", hidden=32, layers=1)), budget=256, space=str(space),
+                  batch_size=2, seq_len=8, trials=4, top=2, store=f"sqlite:///{tmp / 'store.db'}", **fast)
+    validated = circtune.search(options=SearchOptions(validate_min_time=0, out=str(tmp / "validated"), **common))
+    skipped = circtune.search(options=SearchOptions(validate=False, out=str(tmp / "skipped"), **common))
+    return validated.folder, skipped.folder
+
+
+@pytest.mark.slow
+def test_report_of_a_real_search(searched):
+    validated, skipped = searched
+    data = build_report_data(load_folder(validated))
+    json.dumps(data, allow_nan=False)
+    v = data["verdict"]
+    assert v["validated"] and v["pick"]["paired"] and v["pick"]["label"].startswith("predicted #")
+    assert {c["label"].split(" ")[0] for c in v["comparisons"]} >= {"LoRA", "uniform"}
+    page = _text((validated / "report.html").read_text())
+    head = page[:page.index("Time against capacity")]
+    assert re.search(r"The pick \(predicted #\d\) adds -?[\d.,]+ ms \([+-][\d.]+ %\) to the frozen model's", head)
+    assert re.search(r"LoRA r=\d+ measured [\d.,]+ ms (faster|slower) than the pick .*(within|outside) noise", head)
+    assert f'circtune.apply_adapter(model, "{validated}/adapter_config.json")' in head
+    html = (validated / "report.html").read_text()
+    assert 'id="front-chart"' in html and 'id="allocation-chart"' in html and 'id="pick-overhead"' in html
+    front = {p["label"]: p for p in data["front"]["points"]}
+    assert sum(p["picked"] for p in front.values()) == 1 and "latency-only optimum" in front
+    assert front[v["pick"]["label"]]["picked"]  # the front names the pick as validation does
+    assert len(data["allocation"]) == 2
+    bare = build_report_data(load_folder(skipped))
+    assert not bare["verdict"]["validated"] and bare["pick"]["bars"] == [] and bare["validation"] == []
+    html = (skipped / "report.html").read_text()
+    assert all(f'id="{d}"' not in html for d in ("pick-overhead", "pick-step", "pick-mem", "pred-step", "pred-mem"))
+    assert "validation was skipped (--no-validate)" in _text(html)

@@ -69,7 +69,7 @@ def bars_figure(bars: Sequence[Mapping[str, Any]], what: str) -> go.Figure:
                                  marker=dict(symbol="diamond", size=11, color="#d62728"),
                                  hovertemplate=_hover("%{x}", f"predicted %{{y:.4g}} {unit}")))
     title = "Whole-model training step" if what == "step" else "Whole-model peak memory"
-    fig.update_layout(title=f"{title} (green: the pick; grey: baselines; bars p25–p75)" if what == "step" else title,
+    fig.update_layout(title=f"{title} (bars: p25–p75)" if what == "step" else title,
                       yaxis_title=f"{'step time' if what == 'step' else 'memory'} ({unit})", showlegend=True)
     return fig
 
@@ -99,7 +99,7 @@ def overhead_figure(bars: Sequence[Mapping[str, Any]]) -> go.Figure:
                                  name="predicted (summed per layer)", marker=dict(symbol="diamond", size=11,
                                                                                   color="#d62728"),
                                  hovertemplate=_hover("%{x}", "predicted +%{y:.4g} ms")))
-    fig.update_layout(title="Added time over the frozen model (green: the pick; grey: baselines; bars p25–p75)",
+    fig.update_layout(title="Added time over the frozen model (bars: p25–p75)",
                       yaxis_title="added step time (ms)")
     return fig
 

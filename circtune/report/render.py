@@ -42,7 +42,8 @@ _NAV = (("verdict", "the answer"), ("front", "time against capacity"), ("allocat
 
 def _title_html(data: Mapping[str, Any]) -> list[str]:
     nav = " ".join(f'<a href="#{k}">{v}</a>' for k, v in _NAV)
-    return [f"<h1>{esc(data['title'])}</h1>", f"<nav>{nav}</nav>"]
+    return [f"<h1>{esc(data['title'])}</h1>", f"<nav>{nav}</nav>",
+            '<p class="muted">Green: the pick; blue: other candidates; grey: baselines.</p>']
 
 
 def _run_html(data: Mapping[str, Any]) -> list[str]:
@@ -139,8 +140,8 @@ def _checks_html(checks: Mapping[str, Sequence[str]]) -> list[str]:
     out = []
     m = checks["memory"]
     if m:
-        rows = "; ".join(f"{display(o)}: predicted {o['predicted_mb']:,.0f} MiB, measured {o['measured_mb']:,.0f} MiB "
-                         f"({o['off_pct']:+.0f} %)" for o in m["rows"])
+        rows = "; ".join(f"{display(o)}: predicted {fmt(o['predicted_mb'])} MiB, measured {fmt(o['measured_mb'])} "
+                         f"MiB ({o['off_pct']:+.0f} %)" for o in m["rows"])
         out.append(note(f"Whole-model memory predicted more than {100 * MEMORY_TOLERANCE:.0f} % off the measured: "
                         f"{rows}. {m['why'][0].upper() + m['why'][1:]}."))
     if checks["noisy"]:

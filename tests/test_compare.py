@@ -65,6 +65,7 @@ def test_picks_and_regret_by_hand(folders):
     assert data["picks"][1]["classes"] == [{"label": "c3a p=16 rfft/torch", "layers": 1},
                                            {"label": "c3a p=32 rfft/torch", "layers": 2},
                                            {"label": "cdvft p=32 m=2 rfft/torch", "layers": 2}]
+    assert [p["measured_overhead_ms"] for p in data["picks"]] == [10.0, 10.0]  # adapter_config.json's, paired
     regret = {(r["pick_of"], r["on"]): r for r in data["regret"]}
     # A's pick on B: dense 4.5 + 2.0 (q1) + 2 x 4.2 (up) + 2.0 (lm_head) = 16.9; B's own: 2.0 + 2.0 + 8.4 + 2.0 = 14.4
     ab = regret[("A", "B")]

@@ -124,7 +124,8 @@ def build_compare_data(runs: Sequence[RunFolder | str | Path], *, allow_differen
         picks.append({"tag": tag, "classes": [{"label": k, "layers": v} for k, v in sorted(counts.items())],
                       "total_params": num(run.config.get("total_params")),
                       "predicted_overhead_ms": num(run.config.get("predicted_overhead_ms")),
-                      "measured_step_ms": num(run.config.get("measured_step_ms"))})
+                      "measured_step_ms": num(run.config.get("measured_step_ms")),
+                      "measured_overhead_ms": num(run.config.get("measured_overhead_ms"))})
     names = list(dict.fromkeys(n for r in runs for n in r.config["layers"]))
     layers = []
     for name in names:
@@ -223,9 +224,11 @@ def render_compare_html(data: Mapping[str, Any], plotlyjs: str = "inline") -> st
     if not data["shapes"]:
         body.append(note("No layer shape was measured on every device."))
     body += ["<h2>Each device's pick</h2>",
-             table(["run", "configurations", "parameters", "predicted added ms", "measured step ms"],
+             table(["run", "configurations", "parameters", "predicted added ms", "measured added ms (paired)",
+                    "measured step ms"],
                    [[p["tag"], "; ".join(f"{c['label']} × {c['layers']}" for c in p["classes"]), p["total_params"],
-                     p["predicted_overhead_ms"], p["measured_step_ms"]] for p in data["picks"]])]
+                     p["predicted_overhead_ms"], p["measured_overhead_ms"], p["measured_step_ms"]]
+                    for p in data["picks"]])]
     differ = [lay for lay in data["layers"] if not lay["same"]]
     body.append(f"<p>{len(differ)} of {len(data['layers'])} layers are configured differently.</p>")
     if differ:

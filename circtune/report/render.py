@@ -247,7 +247,9 @@ def _method_html(m: Mapping[str, Any]) -> list[str]:
             "backward and the whole step of one layer, paired with its frozen base layer, after warm-up and until "
             "both a minimum number of repetitions and a minimum time are reached; medians with the 25th and 75th "
             "percentiles. Memory is the peak the adapter adds during the step. The search adds the per-layer costs "
-            "(additive model); validation then times whole-model training steps.</p>",
+            "(additive model); validation then times whole-model training steps, each assignment's paired with the "
+            "frozen model's (one frozen step, one adapted step, repeated in one window on the same model): what it "
+            "adds is the median of the per-pair differences, with their 25th and 75th percentiles.</p>",
             table(["setting", "value"], rows)]
 
 

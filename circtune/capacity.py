@@ -1,0 +1,435 @@
+"""Capacity: the share of a layer's full-weight gradient that an adapter configuration can express.
+
+For a frozen ``nn.Linear`` with weight gradient ``G = Σ_tokens g xᵀ`` (``[d_out, d_in]``), an update ``ΔW`` taken
+from the set ``S`` of updates a configuration can make lowers the loss, to first order, by ``⟨G, ΔW⟩``; over unit
+updates in ``S`` the best rate is ``‖Π_S(G)‖`` where Π_S is the best approximation of ``G`` in ``S``. The
+*captured fraction* ``‖Π_S(G)‖² / ‖G‖²`` in [0, 1] is therefore what the configuration makes available of the
+layer's gradient, and weighting it by the layer's share of ``Σ_l ‖G_l‖²`` makes scores add up over layers (an
+assignment's capacity is the sum of its layers' scores, so the exact knapsack still applies).
+
+The sets, by method:
+
+* ``c3a`` / ``peft-c3a`` at block size p: every block-circulant matrix with p × p blocks, a linear space of
+  dimension ``d_in·d_out/p``. circtune's blocks are ``C(v)[u, t] = v[(t − u) mod p]`` (PEFT's orientation); the
+  orthogonal projection replaces each entry of a block by the mean of its circulant diagonal ``(t − u) mod p``.
+  (The transposed convention ``v[(u − t) mod p]`` is the same set of blocks — each such block is a circulant of
+  the other kind with its kernel re-indexed — so the energy is the same for either.) At zero init this is what
+  the C3A kernel gradient computes: ``∂L/∂w[i, j, s] = scale · Σ_diagonal s of block (i, j) G``, hence
+  ``‖∂L/∂w‖² = p · scale² · ‖P_p(G)‖²`` (scale = the layer's ``1/d_in``).
+* ``lora`` at rank r (``Candidate.factors``): matrices of rank ≤ r; by Eckart–Young the top-r singular energy.
+* ``cdvft`` with m factors at block size p: ``ΔW = D_m C_{m−1} D_{m−1} ⋯ C_1 D_1`` (diagonals D, block-circulant C
+  of block p; α and scales are absorbed). Not a linear set, so it is fitted (:func:`_fit_cdvft`): m = 2 by
+  alternating least squares — each of D_2, D_1, C_1 in turn has a closed-form least-squares update given the others,
+  so the fit never gets worse — started at the C3A projection with D = 1 (so it captures at least what C3A at the
+  same p does) and stopped when a sweep gains less than ``1e-4·‖G‖²`` or after 15 sweeps; m ≥ 3 starts from the
+  (m − 1) fit with the new factors at the identity (slightly perturbed, seeded, to leave that saddle) and takes
+  :data:`CDVFT_STEPS` Adam steps on all factors (ΔW's circulant products through the real FFT), keeping the best
+  iterate. Each m therefore captures at least what m − 1 does; for m ≥ 3 the value is a lower bound on the best
+  fit (a short fit, not the optimum: on a Gaussian 512 × 512 G at p = 32, m = 3 reaches 0.106 after 25 steps and
+  0.136 after 150). ALS finds a local optimum: a CDVFT update whose diagonals are positive (as a trained CDVFT's,
+  which start at one) is recovered whole; one whose diagonals have mixed signs can stop short (0.75–0.99 of it
+  in the tests' small shapes). The fits run on G scaled to unit RMS in float32, on the CPU, deterministic (seeded).
+* ``none``: 0.
+
+Without data (built-in models have random weights) :func:`uniform_fraction` gives the expected share for an
+isotropic Gaussian ``G``: exactly ``dim/N`` for linear sets (C3A: ``1/p``), and a seeded estimate for LoRA and CDVFT.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .models import TargetLayer
+from .space import Candidate
+
+# ALS for CDVFT m = 2: stop when a sweep gains less than this share of ‖G‖², or after this many sweeps.
+_ALS_TOL = 1e-4
+_ALS_SWEEPS = 15
+# Adam refinement for CDVFT m >= 3 (per extra factor pair): steps, learning rate (relative to each factor's
+# size, see _refine_cdvft) and the seed of the perturbation that moves the new factors off the identity.
+CDVFT_STEPS = 25
+_ADAM_LR = 3e-3
+_FIT_SEED = 0
+# uniform_fraction: Gaussian samples larger than this many entries are replaced by a proportional proxy shape.
+_PROXY_ENTRIES = 256 * 256
+# ... and small shapes average several samples, so that the estimate does not depend on one draw.
+_MIN_SAMPLE_ENTRIES = 1 << 14
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The block-circulant projection
+
+
+def diagonal_sums(g: torch.Tensor, p: int) -> torch.Tensor:
+    """``out[i, j, s] = Σ_u G_block(i, j)[u, (u + s) mod p]``: the sums along each p × p block's circulant
+    diagonals, ``[q_out, q_in, p]`` (the C3A kernel gradient's sums). By strides, not by an index tensor: the block
+    rows are repeated once (``[.., 2p]``) so that the entry ``(u, u + s)`` sits at offset ``u·(row + 1) + s``."""
+    d_out, d_in = g.shape
+    q_out, q_in = d_out // p, d_in // p
+    twice = torch.cat([g.reshape(q_out, p, q_in, p)] * 2, dim=3).contiguous()  # [q_out, p(u), q_in, 2p]
+    row = q_in * 2 * p
+    view = twice.as_strided((q_out, q_in, p, p), (p * row, 2 * p, row + 1, 1))  # [i, j, u, s]
+    return view.sum(dim=2)
+
+
+def block_circulant(w: torch.Tensor) -> torch.Tensor:
+    """Dense ``[q_out·p, q_in·p]`` matrix of kernel ``w[q_out, q_in, p]`` (circtune's orientation)."""
+    q_out, q_in, p = w.shape
+    u = torch.arange(p, device=w.device)
+    idx = (u.view(1, p) - u.view(p, 1)) % p  # [u, t] -> (t - u) mod p
+    return w[:, :, idx].permute(0, 2, 1, 3).reshape(q_out * p, q_in * p)
+
+
+class _BlockCirculant(torch.autograd.Function):
+    """:func:`block_circulant` whose backward is :func:`diagonal_sums` (an advanced-index backward accumulates
+    element by element: several times slower on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:
+        ctx.p = w.shape[2]
+        return block_circulant(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return diagonal_sums(grad, ctx.p)
+
+
+def block_circulant_projection(g: torch.Tensor, p: int) -> torch.Tensor:
+    """``P_p(G)``: the nearest block-circulant matrix (each block's circulant diagonals replaced by their means)."""
+    return block_circulant(diagonal_sums(g, p) / p)
+
+
+def _name(candidate: Candidate) -> str:
+    """The candidate's set, for messages (its label needs a backend, which a set does not have)."""
+    parts = [candidate.method]
+    if candidate.block_size is not None:
+        parts.append(f"p={candidate.block_size}")
+    if candidate.factors is not None:
+        parts.append(f"{'r' if candidate.method == 'lora' else 'm'}={candidate.factors}")
+    return " ".join(parts)
+
+
+def _check_block(d_out: int, d_in: int, p: int | None, what: str) -> int:
+    if not isinstance(p, int) or p < 1 or d_out % p or d_in % p:
+        raise ValueError(f"{what}: block size {p!r} does not divide the layer's shape (d_out={d_out}, d_in={d_in})")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CDVFT: fitting D_m C_{m-1} ... C_1 D_1 to G
+
+
+def _safe(den: torch.Tensor) -> torch.Tensor:
+    # a denominator to divide by where it is > 0 (torch.where evaluates both branches)
+    return den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
+def _als_cdvft2(g: torch.Tensor, p: int) -> tuple[list[torch.Tensor], float]:
+    """Alternating least squares for ``D_2 C D_1``; returns ([d1, w, d2], captured energy of ``g``)."""
+    d_out, d_in = g.shape
+    q_out, q_in = d_out // p, d_in // p
+    gb = g.reshape(q_out, p, q_in, p)
+    total = float(gb.square().sum(dtype=torch.float64))
+    d1 = torch.ones(d_in, dtype=g.dtype)
+    d2 = torch.ones(d_out, dtype=g.dtype)
+    w = diagonal_sums(g, p) / p  # the optimum at D = 1: C3A's projection
+    captured = float(w.square().sum(dtype=torch.float64)) * p
+    for _ in range(_ALS_SWEEPS):
+        dense = block_circulant(w).reshape(q_out, p, q_in, p)
+        # D_2 given C, D_1: row a of ΔW is d2[a]·M[a, :], with M = C D_1.
+        m = dense * d1.view(1, 1, q_in, p)
+        num, den = (gb * m).sum(dim=(2, 3)), m.square().sum(dim=(2, 3))
+        d2 = torch.where(den > 0, num / _safe(den), 0.0).reshape(d_out)
+        # D_1 given C, D_2: column b is d1[b]·M[:, b], with M = D_2 C.
+        m = dense * d2.view(q_out, p, 1, 1)
+        num, den = (gb * m).sum(dim=(0, 1)), m.square().sum(dim=(0, 1))
+        d1 = torch.where(den > 0, num / _safe(den), 0.0).reshape(d_in)
+        # C given D_1, D_2: each kernel entry is a weighted least-squares mean along its diagonal.
+        scale = d2.view(q_out, p, 1, 1) * d1.view(1, 1, q_in, p)
+        num = diagonal_sums((gb * scale).reshape(d_out, d_in), p)
+        den = diagonal_sums(scale.square().reshape(d_out, d_in), p)
+        w = torch.where(den > 0, num / _safe(den), 0.0)
+        # After the C update, ΔW is G's projection on the span of those entries: captured = Σ num²/den.
+        new = float(torch.where(den > 0, num.square() / _safe(den), 0.0).sum(dtype=torch.float64))
+        gain, captured = new - captured, max(captured, new)
+        if gain < _ALS_TOL * total:
+            break
+    return [d1, w, d2], captured
+
+
+def _apply_block_circulant(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``C(w) @ x`` for ``x`` of shape ``[q_in·p, n]`` through the real FFT (differentiable): O(d·n·(q + log p))
+    instead of a dense GEMM. ``y_i[u] = Σ_j Σ_s w[i, j, s] x_j[(u + s) mod p]`` is a circular cross-correlation,
+    ``Y = conj(W)·X`` per frequency. The complex mixing runs as one real bmm against ``[[a, −b], [b, a]]`` (a + ib
+    = conj W): torch's complex bmm, and its backward on conjugate views, take a slow path on the CPU (measured
+    100x slower at d = 1024, p = 32)."""
+    q_out, q_in, p = w.shape
+    n = x.shape[1]
+    f = p // 2 + 1
+    xf = torch.view_as_real(torch.fft.rfft(x.reshape(q_in, p, n), dim=1))  # [q_in, f, n, 2]
+    xs = xf.permute(1, 3, 0, 2).reshape(f, 2 * q_in, n)  # [f, (re, im) x q_in, n]
+    wf = torch.view_as_real(torch.fft.rfft(w, dim=2)).permute(2, 0, 1, 3)  # [f, q_out, q_in, 2]
+    a, b = wf[..., 0], -wf[..., 1]
+    mix = torch.cat([torch.cat([a, -b], dim=2), torch.cat([b, a], dim=2)], dim=1)  # [f, 2 q_out, 2 q_in]
+    ys = torch.bmm(mix, xs)  # [f, 2 q_out, n]
+    yf = torch.complex(ys[:, :q_out], ys[:, q_out:]).permute(1, 0, 2)  # [q_out, f, n]
+    return torch.fft.irfft(yf, n=p, dim=1).reshape(q_out * p, n)
+
+
+def _cdvft_delta(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """ΔW of ``[d1, w1, d2, w2, ..., d_m]`` (diagonals and kernels interleaved, applied right to left)."""
+    delta = _BlockCirculant.apply(factors[1]) * factors[0]  # C_1 D_1
+    for k in range(2, len(factors) - 1, 2):
+        delta = _apply_block_circulant(factors[k + 1], factors[k].unsqueeze(1) * delta)
+    return factors[-1].unsqueeze(1) * delta
+
+
+def _refine_cdvft(g: torch.Tensor, p: int, start: list[torch.Tensor], captured: float
+                  ) -> tuple[list[torch.Tensor], float]:
+    """One more (C, D) pair on top of ``start`` (an (m−1)-factor fit), refined by a capped number of Adam steps."""
+    d_out = g.shape[0]
+    q = d_out // p
+    gen = torch.Generator().manual_seed(_FIT_SEED)
+    eye = torch.zeros(q, q, p, dtype=g.dtype)
+    eye[torch.arange(q), torch.arange(q), 0] = 1.0  # the identity: block (i, i) is the circulant of e_0
+    eye += 1e-3 * torch.randn(eye.shape, generator=gen, dtype=g.dtype) / math.sqrt(q)
+    params = [t.detach().clone() for t in start[:-1]]
+    params += [start[-1].detach().clone(), eye, torch.ones(d_out, dtype=g.dtype)]
+    # Step sizes relative to each factor's scale (its RMS singular value for kernels, its RMS for diagonals), so
+    # that the factors' arbitrary relative scaling (D_2·c, C/c) does not change the fit's path.
+    lrs = []
+    for k, t in enumerate(params):
+        rms = float(t.square().mean().sqrt())
+        lrs.append(_ADAM_LR * (rms if k % 2 == 0 else rms * math.sqrt(t.shape[1] * p)) + 1e-30)
+    for t in params:
+        t.requires_grad_(True)
+    opt = torch.optim.Adam([{"params": [t], "lr": lr} for t, lr in zip(params, lrs, strict=True)])
+    total = float(g.square().sum(dtype=torch.float64))
+    best, best_params = captured, [t.detach().clone() for t in params]
+    for _ in range(CDVFT_STEPS):
+        opt.zero_grad(set_to_none=True)
+        loss = (g - _cdvft_delta(params)).square().sum()
+        value = total - float(loss.detach())
+        if value > best:
+            best, best_params = value, [t.detach().clone() for t in params]
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        value = total - float((g - _cdvft_delta(params)).square().sum())
+    if value > best:
+        best, best_params = value, [t.detach().clone() for t in params]
+    return best_params, best
+
+
+class _GradientFractions:
+    """The captured fractions of one gradient, with what several candidates share computed once: ‖G‖², the
+    singular values (every LoRA rank), the projection energy per p, and the CDVFT fits per (p, m), each m started
+    from m − 1."""
+
+    def __init__(self, grad: torch.Tensor):
+        if grad.dim() != 2:
+            raise ValueError(f"a layer gradient must be a [d_out, d_in] matrix, got shape {tuple(grad.shape)}")
+        g = grad.detach().to(device="cpu", dtype=torch.float64)
+        if not torch.isfinite(g).all():
+            raise ValueError("the layer gradient has non-finite values (NaN or inf); capacity needs a finite one")
+        self.g = g
+        self.total = float(g.square().sum())
+        self._g_fit: torch.Tensor | None = None
+        self._energy: dict[tuple, float] = {}
+        self._fits: dict[tuple[int, int], tuple[list[torch.Tensor], float]] = {}
+        self._cum: torch.Tensor | None = None
+
+    def fraction(self, candidate: Candidate) -> float:
+        method = candidate.method
+        if method == "none" or self.total == 0.0:
+            return 0.0
+        d_out, d_in = self.g.shape
+        if method in ("c3a", "peft-c3a"):
+            p = _check_block(d_out, d_in, candidate.block_size, _name(candidate))
+            energy = self._projection_energy(p)
+        elif method == "lora":
+            r = candidate.factors
+            if not isinstance(r, int) or r < 1:
+                raise ValueError(f"{_name(candidate)}: LoRA needs a rank >= 1 in factors, got {r!r}")
+            energy = self._rank_energy(r)
+        elif method == "cdvft":
+            p = _check_block(d_out, d_in, candidate.block_size, _name(candidate))
+            m = candidate.factors
+            if not isinstance(m, int) or m < 2:
+                raise ValueError(f"{_name(candidate)}: CDVFT needs factors >= 2, got {m!r}")
+            energy = self._cdvft_fit(p, m)[1] * self.total
+        else:
+            raise ValueError(f"no capacity rule for method {method!r}; known: none, lora, c3a, peft-c3a, cdvft")
+        return min(1.0, max(0.0, energy / self.total))
+
+    def _projection_energy(self, p: int) -> float:
+        key = ("c3a", p)
+        if key not in self._energy:
+            self._energy[key] = float(diagonal_sums(self.g, p).square().sum()) / p
+        return self._energy[key]
+
+    def _rank_energy(self, r: int) -> float:
+        if self._cum is None:
+            self._cum = torch.linalg.svdvals(self.g).square().cumsum(0)
+        return float(self._cum[min(r, self._cum.numel()) - 1])
+
+    def _cdvft_fit(self, p: int, m: int) -> tuple[list[torch.Tensor], float]:
+        """(factors, captured fraction) of the CDVFT fit at (p, m). The fit runs on G scaled to unit RMS in
+        float32 (the fraction is scale-free; float32 halves the memory traffic of an O(N)-per-step fit)."""
+        if (p, m) not in self._fits:
+            if self._g_fit is None:
+                self._g_fit = (self.g * math.sqrt(self.g.numel() / self.total)).float()
+            total = float(self._g_fit.double().square().sum())
+            if m == 2:
+                factors, captured = _als_cdvft2(self._g_fit, p)
+            else:
+                start, fraction = self._cdvft_fit(p, m - 1)
+                factors, captured = _refine_cdvft(self._g_fit, p, start, fraction * total)
+            self._fits[(p, m)] = factors, captured / total
+        return self._fits[(p, m)]
+
+
+def captured_fraction(grad: torch.Tensor, candidate: Candidate) -> float:
+    """Share of ``‖G‖²`` (``grad``: the ``[d_out, d_in]`` full-weight gradient) that ``candidate``'s set of updates
+    can express, in [0, 1]; 0 for a zero gradient. See the module docstring for each method's rule."""
+    return _GradientFractions(grad).fraction(candidate)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without data: an isotropic Gaussian gradient
+
+
+@functools.lru_cache(maxsize=256)
+def _gaussian_samples(d_out: int, d_in: int) -> tuple[_GradientFractions, ...]:
+    count = max(1, min(8, math.ceil(_MIN_SAMPLE_ENTRIES / (d_out * d_in))))
+    gen = torch.Generator().manual_seed(_FIT_SEED + 1000 * d_out + d_in)
+    return tuple(_GradientFractions(torch.randn(d_out, d_in, generator=gen, dtype=torch.float64))
+                 for _ in range(count))
+
+
+def _proxy_shape(d_out: int, d_in: int, unit: int) -> tuple[int, int, float]:
+    """The largest shrink ``k`` (dims divided by k, keeping them multiples of ``unit``) that brings ``d_out·d_in``
+    to at most _PROXY_ENTRIES: (proxy d_out, proxy d_in, k). k = 1 when the shape is small or cannot shrink."""
+    q_out, q_in = d_out // unit, d_in // unit
+    g = math.gcd(q_out, q_in)
+    for k in sorted(k for k in range(1, g + 1) if g % k == 0):
+        if d_out * d_in / (k * k) <= _PROXY_ENTRIES:
+            return d_out // k, d_in // k, float(k)
+    return d_out // g, d_in // g, float(g)
+
+
+@functools.lru_cache(maxsize=4096)
+def uniform_fraction(d_in: int, d_out: int, candidate: Candidate) -> float:
+    """Expected share of an isotropic Gaussian ``G`` (``[d_out, d_in]``) that ``candidate`` can express: the share
+    to expect when nothing is known about the layer's gradient.
+
+    Linear sets are exact: ``dim/N`` (C3A and PEFT's C3A at block p: ``1/p``). LoRA and CDVFT are estimated on a
+    seeded Gaussian sample (the mean of several for small shapes). Shapes above 256 × 256 entries use a proxy
+    with both dimensions divided by the same k: for LoRA the top-r share of a Gaussian matrix depends, up to
+    O(d^-2/3) edge effects, only on r / min(d) and the aspect ratio (Marchenko–Pastur), so the proxy is read at
+    rank r/k (interpolated); for CDVFT the proxy keeps p, so the circulant factors' ``d²/p`` share of the
+    dimension is kept and only the diagonals' O(1/d) share is overstated (by k, and at most (d_in + d_out)/N of
+    the proxy).
+    """
+    method = candidate.method
+    if method == "none":
+        return 0.0
+    if method in ("c3a", "peft-c3a"):
+        p = _check_block(d_out, d_in, candidate.block_size, _name(candidate))
+        return 1.0 / p
+    if method == "lora":
+        r = candidate.factors
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"{_name(candidate)}: LoRA needs a rank >= 1 in factors, got {r!r}")
+        if r >= min(d_in, d_out):
+            return 1.0
+        po, pi, k = _proxy_shape(d_out, d_in, 1)
+        rank = r / k  # an integer when k == 1: exact on the sample
+        lo, t = math.floor(rank), rank - math.floor(rank)
+        values = []
+        for sample in _gaussian_samples(po, pi):
+            # linear in the rank between the integer ranks around it (rank 0 captures nothing)
+            below = sample._rank_energy(lo) if lo >= 1 else 0.0
+            above = sample._rank_energy(lo + 1) if t > 0 else below
+            values.append(((1 - t) * below + t * above) / sample.total)
+        return min(1.0, sum(values) / len(values))
+    if method == "cdvft":
+        p = _check_block(d_out, d_in, candidate.block_size, _name(candidate))
+        po, pi, _ = _proxy_shape(d_out, d_in, p)
+        proxy = Candidate("cdvft", p, candidate.factors)
+        samples = _gaussian_samples(po, pi)
+        return sum(s.fraction(proxy) for s in samples) / len(samples)
+    raise ValueError(f"no capacity rule for method {method!r}; known: none, lora, c3a, peft-c3a, cdvft")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per layer: energy × fraction
+
+
+def _key(candidate: Candidate) -> tuple:
+    # Transform and backend compute the same ΔW: the fraction depends on the set only.
+    return (candidate.method, candidate.block_size, candidate.factors)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Capacity scores for a model's target layers.
+
+    ``source``: ``"calibration"`` (gradients measured on calibration texts) or ``"uniform"`` (none: every layer
+    weighs the same and fractions are the Gaussian expectations of :func:`uniform_fraction`). ``energy``: per
+    target-layer name, ``‖G_l‖² / Σ_l ‖G_l‖²`` (uniform: ``1/L``); sums to 1. ``score(layer, candidate) =
+    energy[layer] · fraction(layer, candidate)`` adds up over layers to the share of the model's total gradient
+    energy that an assignment can express.
+    """
+
+    source: str
+    energy: Mapping[str, float]
+    _gradients: Mapping[str, _GradientFractions] = field(default_factory=dict, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def fraction(self, layer: TargetLayer, candidate: Candidate) -> float:
+        key = (layer.name, layer.d_in, layer.d_out, _key(candidate))
+        if key not in self._cache:
+            stats = self._gradients.get(layer.name)
+            if stats is None:
+                value = uniform_fraction(layer.d_in, layer.d_out, Candidate(*_key(candidate)))
+            else:
+                value = stats.fraction(candidate)
+            self._cache[key] = value
+        return self._cache[key]
+
+    def score(self, layer: TargetLayer, candidate: Candidate) -> float:
+        return self.energy.get(layer.name, 0.0) * self.fraction(layer, candidate)
+
+
+def capacity_from_gradients(layers: Sequence[TargetLayer], gradients: Mapping[str, torch.Tensor] | None
+                            ) -> Capacity:
+    """Capacity for ``layers`` from their full-weight gradients (name -> ``[d_out, d_in]``), or uniform when
+    ``gradients`` is None. Every layer needs a gradient of its shape; if all of them are zero the energies fall
+    back to uniform (there is nothing to weigh them by) while the source stays ``"calibration"``."""
+    layers = list(layers)
+    if not layers:
+        raise ValueError("capacity needs at least one target layer")
+    if gradients is None:
+        return Capacity("uniform", {t.name: 1.0 / len(layers) for t in layers})
+    missing = [t.name for t in layers if t.name not in gradients]
+    if missing:
+        raise ValueError(f"no calibration gradient for {len(missing)} target layer(s), e.g. {missing[0]!r}")
+    stats: dict[str, _GradientFractions] = {}
+    for t in layers:
+        grad = gradients[t.name]
+        if tuple(grad.shape) != (t.d_out, t.d_in):
+            raise ValueError(f"the gradient of {t.name!r} has shape {tuple(grad.shape)}; the layer needs "
+                             f"[d_out, d_in] = [{t.d_out}, {t.d_in}]")
+        stats[t.name] = _GradientFractions(grad)
+    total = sum(s.total for s in stats.values())
+    if total > 0:
+        energy = {name: s.total / total for name, s in stats.items()}
+    else:
+        energy = {t.name: 1.0 / len(layers) for t in layers}
+    return Capacity("calibration", energy, stats)

@@ -30,7 +30,10 @@ from .errors import OptionError
 from .options import SEARCH_SHAPE, ProfileOptions, SearchOptions, make_options, option_names
 from .profiling import PROFILE_FILES, Profiled, command_line, profile_to_folder, with_dtype
 
-SEARCH_FILES = ("adapter_config.json", "peft/adapter_config.json", "trials.csv", "validation.csv", "report.html")
+SEARCH_FILES = ("adapter_config.json", "peft/adapter_config.json", "trials.csv", "validation.csv", "front.csv",
+                "allocation.csv", "report.html")
+# Calibration texts per forward-backward pass (gradients are accumulated over all of them).
+CALIBRATION_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -151,14 +154,19 @@ def _search(opts: SearchOptions) -> SearchResult:
     batch, seq_len = _batch_shape(opts, SEARCH_SHAPE["cuda" if device.type == "cuda" else "cpu"])
     dtype = resolve_dtype(opts.dtype or "auto", device)
     measured = with_dtype(opts, dtype)
+    calibrated: dict = {}
     done = profile_to_folder(
         measured, "search", tokens=batch * seq_len, lora_budget=opts.budget, expected={"budget": opts.budget},
-        more_checks=_search_checks(opts, batch, seq_len), files=PROFILE_FILES + SEARCH_FILES,
+        more_checks=_search_checks(opts, batch, seq_len, calibrated), files=PROFILE_FILES + SEARCH_FILES,
         last_check=lambda identity, url: check_named_study(url, opts.study_name, identity, opts.budget,
                                                            opts.min_fill))
+    from .capacity import capacity_from_gradients
+
+    capacity = capacity_from_gradients(done.model.targets, calibrated.get("gradients"))
     summary = run_search(opts, model=done.model, info=done.info, settings=done.settings, out=done.out,
                          storage=done.store_url, frame=done.frame, batch=batch, seq_len=seq_len, dtype=dtype,
-                         command=command_line(), identity=done.identity)
+                         command=command_line(), identity=done.identity, capacity=capacity,
+                         calibration=calibrated.get("metadata"))
     return _search_result(opts, done, summary)
 
 
@@ -203,9 +211,21 @@ def _batch_shape(opts: SearchOptions, default: dict[str, int]) -> tuple[int, int
     return tokens // seq, seq
 
 
-def _search_checks(opts: SearchOptions, batch: int, seq_len: int):
+def _calibration_file(path: str) -> tuple[list[str], str]:
+    """The calibration texts (refused in one line when missing, empty, binary or not UTF-8) and the file's digest."""
+    import hashlib
+
+    from .calibration import read_texts
+
+    texts = read_texts(path)
+    return texts, hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _search_checks(opts: SearchOptions, batch: int, seq_len: int, calibrated: dict):
     """The search's checks that need the model and the space but no measurement; returns the search's options for
-    the output folder's identity."""
+    the output folder's identity. With ``--calibration``, the texts are read first and their gradients on the model
+    folder are computed last, into ``calibrated`` (``gradients``, ``metadata``): before anything is measured or
+    written, so that a bad file or folder fails in seconds."""
     from .models import build_model, model_config
     from .preflight import PreflightError, check_budget, check_seq_len, max_positions
 
@@ -213,6 +233,7 @@ def _search_checks(opts: SearchOptions, batch: int, seq_len: int):
     backends = list(opts.backends) if opts.backends else None
 
     def checks(model, space, plans, info, device, tokens) -> dict:
+        texts, digest = _calibration_file(opts.calibration) if opts.calibration else (None, None)
         config = model_config(model.spec)
         if config is not None:
             check_seq_len(seq_len, max_positions(config), model.name)
@@ -242,8 +263,22 @@ def _search_checks(opts: SearchOptions, batch: int, seq_len: int):
                 raise PreflightError(f"model {model.spec!r} cannot be validated as a whole: "
                                      f"{str(e).splitlines()[0]}; pass --no-validate to search without whole-model "
                                      "steps") from None
+        if opts.calibration:
+            import torch
+
+            from .calibration import calibration_gradients
+
+            gradients, notes = calibration_gradients(
+                opts.model, opts.calibration, [t.name for t in model.targets], batch_size=CALIBRATION_BATCH,
+                max_length=None, device=device, dtype=torch.float32, progress=opts.progress)
+            for note in notes:
+                print(f"note: calibration: {note}", file=sys.stderr)
+            calibrated["gradients"] = gradients
+            calibrated["metadata"] = {"file": str(opts.calibration), "texts": len(texts), "notes": list(notes)}
         return {"budget": opts.budget, "min_fill": opts.min_fill, "objective": opts.objective, "methods": methods,
                 "backends": backends, "sampler": opts.sampler, "seed": opts.seed, "study_name": opts.study_name,
-                "top": opts.top, "validate": opts.validate, "batch_size": batch, "seq_len": seq_len}
+                "top": opts.top, "validate": opts.validate, "batch_size": batch, "seq_len": seq_len,
+                "allocation": opts.allocation, "capacity_tolerance": opts.capacity_tolerance,
+                "calibration": digest}
 
     return checks

@@ -37,6 +37,8 @@ WHOLE_MODEL = {
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 OBJECTIVES = ("latency", "memory", "balanced")
+# circtune.allocation's rules (kept equal there by a test): the balance windows per layer, or none.
+ALLOCATIONS = ("balanced", "free")
 SAMPLERS = ("tpe", "nsga2")
 PLOTLYJS = ("inline", "cdn")
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
@@ -214,7 +216,11 @@ class ProfileOptions:
 class SearchOptions(ProfileOptions):
     """The options of ``circtune search``: the profile's and the search's own. ``budget`` takes ``100_000`` or
     ``"100k"``; ``validate_min_time`` is the whole-model timing floor in seconds (default: 4 on the CPU, 2 on a
-    GPU)."""
+    GPU). ``calibration``: a text file (one text per line) whose gradients on the ``model`` folder's weights weigh
+    the layers and configurations (None: uniform); ``allocation``: ``balanced`` (each layer within ½–2× its
+    importance-weighted share of the budget) or ``free``; ``capacity_tolerance`` in [0, 1): the pick is the best
+    assignment under ``objective`` among those within this fraction of the best capacity at the budget
+    (:mod:`circtune.allocation`)."""
 
     budget: int | str = "100k"
     min_fill: float = 0.9
@@ -229,6 +235,9 @@ class SearchOptions(ProfileOptions):
     validate: bool = True
     validate_min_time: float | None = None
     plotlyjs: str = "inline"
+    calibration: str | None = None
+    allocation: str = "balanced"
+    capacity_tolerance: float = 0.05
 
     def _checked(self) -> dict[str, Any]:
         if isinstance(self.budget, float) and self.budget.is_integer():
@@ -261,6 +270,21 @@ class SearchOptions(ProfileOptions):
                 raise OptionError("validate_min_time", f"--validate-min-time must be a number of seconds, zero "
                                                        f"or more, got {self.validate_min_time}")
             v["validate_min_time"] = seconds
+        v["allocation"] = _choice("allocation", self.allocation, ALLOCATIONS)
+        tolerance = _number("capacity_tolerance", self.capacity_tolerance)
+        if not 0 <= tolerance < 1:  # also refuses nan
+            raise OptionError("capacity_tolerance", f"--capacity-tolerance must be within [0, 1) (a fraction of the "
+                                                    f"best capacity), got {self.capacity_tolerance}")
+        v["capacity_tolerance"] = tolerance
+        v["calibration"] = _path("calibration", self.calibration)
+        if v["calibration"] is not None:
+            model = self.model if isinstance(self.model, (str, os.PathLike)) else None
+            if model is None or not os.path.isdir(model):
+                raise OptionError("calibration", f"--calibration needs --model to be a local model folder (weights "
+                                                 f"and tokenizer), got --model {self.model!r}")
+            if not os.path.isfile(v["calibration"]):
+                raise OptionError("calibration", f"--calibration {v['calibration']}: no such file; accepted: a "
+                                                 "text file with one calibration text per line")
         return {**v, **super()._checked()}
 
 

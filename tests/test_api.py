@@ -59,12 +59,28 @@ def test_options_are_normalised_and_frozen():
     ({"validate_min_time": -1}, "validate_min_time", "--validate-min-time must be a number of seconds"),
     ({"peft": "no"}, "peft", "--peft is True or False"),
     ({"trails": 3}, "trails", "unknown option 'trails'; did you mean 'trials'"),
+    ({"allocation": "even"}, "allocation", "--allocation: 'even' is not accepted; accepted: balanced, free"),
+    ({"capacity_tolerance": 1.0}, "capacity_tolerance", "--capacity-tolerance must be within [0, 1)"),
+    ({"capacity_tolerance": float("nan")}, "capacity_tolerance", "--capacity-tolerance must be within [0, 1)"),
+    ({"capacity_tolerance": "5%"}, "capacity_tolerance", "--capacity-tolerance must be a number, got '5%'"),
+    ({"calibration": "texts.txt"}, "calibration", "--calibration needs --model to be a local model folder"),
+    ({"calibration": ""}, "calibration", "--calibration must be a path"),
 ])
 def test_a_refused_option_is_a_value_error_naming_it(options, option, message):
     with pytest.raises(OptionError) as caught:
         circtune.search("tiny_models:two_shapes", **options)
     assert isinstance(caught.value, ValueError) and isinstance(caught.value, UsageError)
     assert caught.value.option == option and message in str(caught.value)
+
+
+def test_a_missing_calibration_file_is_refused_before_anything_runs(tmp_path):
+    folder = tiny_roberta(tmp_path / "tiny", hidden=32, layers=1)
+    with pytest.raises(OptionError, match=r"--calibration .*nope.txt: no such file; accepted: a text file") as caught:
+        circtune.search(str(folder), "1k", calibration=tmp_path / "nope.txt", out=tmp_path / "out")
+    assert caught.value.option == "calibration" and not (tmp_path / "out").exists()
+    opts = SearchOptions(model=str(folder), calibration=str(folder / "config.json"), allocation="free",
+                         capacity_tolerance=0)
+    assert opts.allocation == "free" and opts.capacity_tolerance == 0.0 and opts.calibration.endswith("config.json")
 
 
 def test_profile_options_have_no_search_options():

@@ -178,7 +178,8 @@ def test_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert isinstance(peft.PeftConfig.from_pretrained(str(out / "peft")), peft.C3AConfig)
     validation = pd.read_csv(out / "validation.csv")
     assert validation.picked.sum() == 1 and "no adapter" in set(validation.label)
-    assert "pick" in set(validation.label) and set(validation.status) == {"ok"}
+    assert "predicted #1" in set(validation.label) and set(validation.status) == {"ok"}
+    assert meta["pick_label"] in set(validation.label[validation.picked]) and meta["measured_overhead_ms"] is not None
     # The same command again: the study is complete and its outputs are written, so nothing is redone.
     written = (out / "adapter_config.json").read_bytes()
     capsys.readouterr()
@@ -189,6 +190,48 @@ def test_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert main([*args[:-3], "--trials", "24", *args[-3:]]) == 0
     meta2 = json.loads((out / "adapter_config.json").read_text())
     assert meta2["study"]["trials"] == 24
+
+
+def _dominated(frame: pd.DataFrame) -> bool:
+    """Whether some row is beaten on both predicted time (lower) and capacity (higher) by another."""
+    return any(((frame.step_ms <= r.step_ms) & (frame.capacity >= r.capacity)
+                & ((frame.step_ms < r.step_ms) | (frame.capacity > r.capacity))).any() for r in frame.itertuples())
+
+
+def test_search_writes_the_front_and_the_allocation(tmp_path, capsys):
+    from circtune.pick_files import ALLOCATION_COLUMNS, FRONT_COLUMNS
+
+    command = tiny_search(tmp_path, str(tmp_path / "m.db"), trials=12)
+    assert main(command("run")) == 0
+    assert "capacity: the pick can express" in capsys.readouterr().err
+    out = tmp_path / "run"
+    meta = json.loads((out / "adapter_config.json").read_text())
+    front, layers = pd.read_csv(out / "front.csv"), pd.read_csv(out / "allocation.csv")
+    assert tuple(front.columns) == FRONT_COLUMNS and tuple(layers.columns) == ALLOCATION_COLUMNS
+    assert set(front.kind) == {"front", "candidate", "baseline"} and front.picked.sum() == 1
+    picked = front[front.picked].iloc[0]
+    assert picked.kind == "candidate" and picked.label == "predicted #1"  # --no-validate: the rule's pick
+    assert not _dominated(front[front.kind == "front"])
+    baselines = set(front[front.kind == "baseline"].label)
+    assert {"latency-only optimum", "uniform c3a p=16", "PEFT C3A p=16"} <= baselines
+    assert any(label.startswith("LoRA r=") for label in baselines)
+    assert meta["allocation"] == "balanced" and meta["capacity_source"] == "uniform" and meta["calibration"] is None
+    assert meta["capacity_tolerance"] == 0.05 and meta["capacity"] == pytest.approx(picked.capacity, rel=1e-5)
+    assert meta["capacity"] >= 0.95 * meta["capacity_best"] - 1e-12
+    assert meta["capacity_best"] == pytest.approx(front[front.kind == "front"].capacity.max(), rel=1e-5)
+    # allocation.csv: the pick layer by layer, inside the balance windows (equal shares without calibration)
+    assert len(layers) == 4 and layers.params.sum() == meta["total_params"] == picked.params
+    assert (layers.params >= layers.window_lo).all() and (layers.params <= layers.window_hi).all()
+    assert layers.share.tolist() == [1500 / 4] * 4 and layers.energy.sum() == pytest.approx(1.0)
+    assert layers.capacity.sum() == pytest.approx(meta["capacity"], rel=1e-5)
+    assert layers.capacity.tolist() == pytest.approx((layers.energy * layers.fraction).tolist(), rel=1e-5)  # %.6g
+    trials = pd.read_csv(out / "trials.csv")
+    assert "capacity" in trials and trials.source.iloc[0] == "optimum"
+    # No rule and a tolerance that lets every assignment in: the latency-only optimum, as before capacity.
+    assert main([*command("free"), "--allocation", "free", "--capacity-tolerance", "0.99"]) == 0
+    free = json.loads((tmp_path / "free" / "adapter_config.json").read_text())
+    assert free["predicted_overhead_ms"] == pytest.approx(free["optimum_overhead_ms"])
+    assert free["allocation"] == "free"
 
 
 @pytest.mark.parametrize("budget, message", [("lots", "is not a number of parameters"),

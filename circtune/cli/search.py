@@ -22,7 +22,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-fill", type=float, default=0.9,
                    help="use at least this fraction of the budget (default: %(default)s)")
     p.add_argument("--objective", choices=("latency", "memory", "balanced"), default="latency",
-                   help="which point of the Pareto front to pick (default: %(default)s)")
+                   help="among the assignments close enough to the best capacity (--capacity-tolerance), pick the "
+                        "fastest (latency), the one adding the least memory (memory) or the best of both "
+                        "(balanced) (default: %(default)s)")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="text file, one text per line, run through the --model folder's own weights and tokenizer: "
+                        "each layer's gradient on these texts says how much it matters and how much of it each "
+                        "configuration can express (default: none; every layer weighs the same)")
+    p.add_argument("--allocation", choices=("balanced", "free"), default="balanced",
+                   help="balanced: every layer gets between half and twice its share of the budget (its share: "
+                        "the budget split by gradient energy with --calibration, else equally); free: no such "
+                        "limit, the time and capacity alone decide (default: %(default)s)")
+    p.add_argument("--capacity-tolerance", type=float, default=0.05, metavar="FRACTION",
+                   help="the pick is the fastest assignment (per --objective) whose captured capacity is within "
+                        "this fraction of the best capacity reachable at this budget: 0 takes the most capacious, "
+                        "values near 1 the fastest regardless of capacity (default: %(default)s)")
     p.add_argument("--methods", help="restrict to these methods, comma-separated (c3a, cdvft)")
     p.add_argument("--backends", help="restrict to these backends, comma-separated (torch, dense, triton)")
     p.add_argument("--trials", type=int, default=200,
@@ -56,6 +70,20 @@ def run(args: argparse.Namespace) -> int:
         print(result.skipped, file=sys.stderr)
         return 0
     print(json.dumps(result.summary, indent=2))
+    line = capacity_line(result.summary)
+    if line:
+        print(line, file=sys.stderr)
     print(f"wrote {', '.join(result.written)} in {result.folder} ({time.perf_counter() - started:.0f} s)",
           file=sys.stderr)
     return 0
+
+
+def capacity_line(summary: dict) -> str | None:
+    """One line on the pick's capacity against the best at this budget, or None when the summary has none."""
+    got, best = summary.get("capacity"), summary.get("capacity_best")
+    if got is None or best is None:
+        return None
+    source = "calibration gradients" if summary.get("capacity_source") == "calibration" else "uniform layers"
+    share = f" ({got / best:.1%} of the best at this budget)" if best > 0 else ""
+    return (f"capacity: the pick can express {got:.3%} of the gradient energy{share}, "
+            f"{summary.get('allocation')} allocation, {source}")

@@ -108,7 +108,7 @@ backends = ["torch", "dense"]
 dtypes = ["fp32"]
 """
 
-CSV_FIELDS = ("timestamp", "allocation", "seed", "lr", "steps", "budget", "params_used", "planted_params",
+CSV_FIELDS = ("timestamp", "targets", "allocation", "seed", "lr", "steps", "budget", "params_used", "planted_params",
               "initial_loss", "final_loss", "relative_loss", "capacity", "predicted_added_ms", "train_s", "layers",
               "cpu", "threads", "torch_version")
 
@@ -146,11 +146,11 @@ def build_teacher(base: nn.Module, seed: int, plants: Sequence[Plant] = PLANTS) 
     return teacher
 
 
-def target_layers(model: nn.Module) -> tuple:
-    """circtune's default targets of an encoder in ``model``, as TargetLayers."""
+def target_layers(model: nn.Module, targets: Sequence[str] | None = None) -> tuple:
+    """The target layers of ``model``: circtune's defaults for an encoder, or those matching ``targets``."""
     from circtune.models import find_targets
 
-    return find_targets(model, None, "encoder")[1]
+    return find_targets(model, targets, "encoder")[1]
 
 
 def token_batches(n: int, seed: int, batch: int = BATCH, seq_len: int = SEQ_LEN) -> list[dict[str, torch.Tensor]]:
@@ -294,6 +294,7 @@ class Run:
     planted: int  # parameters in the planted layers
     capacity: float | None
     train_s: float
+    targets: str = "default"  # the --targets patterns, or "default"
 
 
 def evaluate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], targets: Sequence[torch.Tensor]) -> float:
@@ -335,13 +336,16 @@ class Settings:
     min_fill: float = 0.9
     tolerance: float = 0.05
     progress: bool = True
+    targets: tuple[str, ...] | None = None  # None: circtune's defaults (query, value)
 
 
 def run_benchmark(frame: pd.DataFrame, s: Settings) -> tuple[list[Run], list[str]]:
     """Every (allocation, seed, lr) run, and notes (calibration energies, picks that could not run)."""
     from tqdm import tqdm
 
-    layers = target_layers(build_base(0))
+    layers = target_layers(build_base(0), s.targets)
+    if not any(t.name in {p.layer for p in PLANTS} for t in layers):
+        raise ValueError(f"targets {', '.join(s.targets or ())}: none of the planted layers is a target")
     fixed = latency_allocations(layers, frame, s.budget, s.min_fill)
     planted_names = {p.layer for p in PLANTS}
     runs, notes = [], []
@@ -369,7 +373,7 @@ def run_benchmark(frame: pd.DataFrame, s: Settings) -> tuple[list[Run], list[str
             final, params, seconds = train_student(base, allocation, lr, data, targets, eval_data, eval_targets)
             planted = sum(params_of(allocation.layers[t.name], t) for t in layers if t.name in planted_names)
             runs.append(Run(allocation, seed, lr, s.steps, s.budget, initial, final, params, planted,
-                            captured(allocation, layers, capacity), seconds))
+                            captured(allocation, layers, capacity), seconds, ",".join(s.targets or ("default",))))
     return runs, notes
 
 
@@ -437,17 +441,27 @@ def verdict(runs: Sequence[Run]) -> str:
             f"against the capacity-aware pick's {cap:.3g}.")
 
 
-def write_csv(path: Path, runs: Sequence[Run]) -> None:
-    """One row per run, written atomically (a temporary file renamed)."""
+def write_csv(path: Path, runs: Sequence[Run], append: bool = False) -> None:
+    """One row per run, written atomically (a temporary file renamed); ``append`` keeps the rows already there (a
+    file with other columns is refused)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     cpu, threads = machine_line().split(",")[0], torch.get_num_threads()
+    kept = []
+    if append and path.is_file():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != CSV_FIELDS:
+                raise ValueError(f"--append: {path} has other columns than this script writes; use another --csv")
+            kept = list(reader)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
+        w.writerows(kept)
         for r in runs:
-            w.writerow({"timestamp": stamp, "allocation": r.allocation.name, "seed": r.seed, "lr": r.lr,
+            w.writerow({"timestamp": stamp, "targets": r.targets, "allocation": r.allocation.name, "seed": r.seed,
+                        "lr": r.lr,
                         "steps": r.steps, "budget": r.budget, "params_used": r.params, "planted_params": r.planted,
                         "initial_loss": f"{r.initial:.6g}", "final_loss": f"{r.final:.6g}",
                         "relative_loss": f"{r.final / r.initial:.6g}",
@@ -480,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--capacity-tolerance", type=float, default=0.05,
                     help="capacity-aware rule: the fastest assignment within this share of the best capacity "
                          "(default 0.05)")
+    ap.add_argument("--targets", default=None,
+                    help="comma-separated target patterns (default: circtune's for an encoder, query and value)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; see the docstring)")
     ap.add_argument("--profile-csv", default=None,
                     help="measurements.csv of an earlier profile of this model (skips profiling; default: profile)")
@@ -487,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="folder for the profile and its store (default: a temporary folder)")
     ap.add_argument("--csv", default=str(ROOT / "reports" / "capacity_teacher_student.csv"),
                     help="CSV written, one row per run (default reports/capacity_teacher_student.csv)")
+    ap.add_argument("--append", action="store_true", help="add the rows to --csv instead of replacing it")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     seeds = _numbers(ap, "--seeds", args.seeds, int)
@@ -498,11 +515,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"{flag} must be a positive whole number, got {value}")
     if not 0 <= args.min_fill <= 1 or not 0 <= args.capacity_tolerance < 1:
         ap.error("--min-fill must be within [0, 1] and --capacity-tolerance within [0, 1)")
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets is not None else None
+    if targets == ():
+        ap.error("--targets is empty; e.g. --targets value")
     if args.profile_csv is not None and not Path(args.profile_csv).is_file():
         ap.error(f"--profile-csv {args.profile_csv}: no such file")
     command = " ".join(["python", Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
+    try:  # before profiling: targets that match nothing
+        target_layers(build_base(0), targets)
+    except ValueError as e:
+        ap.error(f"--targets {args.targets}: {str(e).splitlines()[0]}")
     if args.profile_csv:
         frame = pd.read_csv(args.profile_csv)
     else:
@@ -511,14 +535,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)  # the profile call puts the caller's count back; keep ours
     try:
         runs, notes = run_benchmark(frame, Settings(args.steps, seeds, lrs, args.budget, args.min_fill,
-                                                    args.capacity_tolerance, not args.quiet))
-    except ValueError as e:  # a budget the space cannot meet, a profile of another model
+                                                    args.capacity_tolerance, not args.quiet, targets))
+        write_csv(Path(args.csv), runs, args.append)
+    except ValueError as e:  # a budget the space cannot meet, targets that match nothing, a CSV of other columns
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    write_csv(Path(args.csv), runs)
     print("\nSYNTHETIC teacher-student benchmark (random-init RoBERTa, planted updates, random tokens); not a result "
           "on real data.")
-    print(f"budget {args.budget:,} parameters, {args.steps} steps, lrs {', '.join(f'{lr:g}' for lr in lrs)}, "
+    print(f"targets: {', '.join(targets) if targets else 'circtune defaults (query, value)'}; "
+          f"budget {args.budget:,} parameters, {args.steps} steps, lrs {', '.join(f'{lr:g}' for lr in lrs)}, "
           f"seeds {', '.join(map(str, seeds))}; planted: "
           + ", ".join(f"{p.layer.split('.')[2]}{p.layer.rsplit('.', 1)[-1][0]} (p={p.block_size}, "
                       f"x{p.scale:g})" for p in PLANTS))

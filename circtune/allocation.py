@@ -106,7 +106,7 @@ def allocate(problem: Problem, capacity: Capacity | None, allocation: str = "bal
     rule = (f"--allocation balanced (each layer within {BALANCE[0]:g}-{BALANCE[1]:g}x "
             f"{'its share of the budget by gradient energy' if by_energy else 'the mean share of the budget'})")
     if empty:
-        names = ", ".join(f"{problem.layers[i].name} ({math.ceil(windows[i][0]):,}..{math.floor(windows[i][1]):,})"
+        names = ", ".join(f"{problem.layers[i].name} ({_count(windows[i][0])}..{_count(windows[i][1])})"
                           for i in empty[:3])
         more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
         why = f"no option of layer(s) {names}{more} has a parameter count in its window"
@@ -119,6 +119,11 @@ def allocate(problem: Problem, capacity: Capacity | None, allocation: str = "bal
     works = f"budgets {spans} meet the rule" if near else "no budget meets the rule with this space"
     raise BudgetError(f"budget {format_count(problem.budget)} cannot be met under {rule}: {why}; {works}; or pass "
                       "--allocation free")
+
+
+def _count(x: float) -> str:
+    """A window end as a parameter count: whole numbers with separators, small fractions as they are."""
+    return f"{x:,.0f}" if x >= 10 or x == round(x) else f"{x:.2g}"
 
 
 def _reaches_window(problem: Problem) -> bool:

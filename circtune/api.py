@@ -160,9 +160,7 @@ def _search(opts: SearchOptions) -> SearchResult:
         more_checks=_search_checks(opts, batch, seq_len, calibrated), files=PROFILE_FILES + SEARCH_FILES,
         last_check=lambda identity, url: check_named_study(url, opts.study_name, identity, opts.budget,
                                                            opts.min_fill))
-    from .capacity import capacity_from_gradients
-
-    capacity = capacity_from_gradients(done.model.targets, calibrated.get("gradients"))
+    capacity = calibrated["capacity"]
     summary = run_search(opts, model=done.model, info=done.info, settings=done.settings, out=done.out,
                          storage=done.store_url, frame=done.frame, batch=batch, seq_len=seq_len, dtype=dtype,
                          command=command_line(), identity=done.identity, capacity=capacity,
@@ -221,11 +219,25 @@ def _calibration_file(path: str) -> tuple[list[str], str]:
     return texts, hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def _check_allocation(opts: SearchOptions, model, by_shape: dict, capacity) -> None:
+    """Refuse, before measuring, a budget the balance rule cannot meet with the space's candidates (their parameter
+    counts are known; which ones measure ok is not, so the search checks again on the measured options)."""
+    from .allocation import allocate
+    from .problem import Option, Problem
+
+    options = tuple(tuple(Option(c, c.params(*t.shape), 0.0, 0.0) for c in by_shape[t.shape].candidates
+                          if (not opts.methods or c.method in opts.methods)
+                          and (not opts.backends or c.backend in opts.backends)) for t in model.targets)
+    allocate(Problem(tuple(model.targets), options, opts.budget, opts.min_fill), capacity, opts.allocation)
+
+
 def _search_checks(opts: SearchOptions, batch: int, seq_len: int, calibrated: dict):
     """The search's checks that need the model and the space but no measurement; returns the search's options for
     the output folder's identity. With ``--calibration``, the texts are read first and their gradients on the model
-    folder are computed last, into ``calibrated`` (``gradients``, ``metadata``): before anything is measured or
-    written, so that a bad file or folder fails in seconds."""
+    folder are computed last, into ``calibrated`` (``capacity``, ``metadata``): before anything is measured or
+    written, so that a bad file or folder fails in seconds; then the balance rule is checked on the candidates'
+    parameter counts."""
+    from .capacity import capacity_from_gradients
     from .models import build_model, model_config
     from .preflight import PreflightError, check_budget, check_seq_len, max_positions
 
@@ -233,7 +245,13 @@ def _search_checks(opts: SearchOptions, batch: int, seq_len: int, calibrated: di
     backends = list(opts.backends) if opts.backends else None
 
     def checks(model, space, plans, info, device, tokens) -> dict:
-        texts, digest = _calibration_file(opts.calibration) if opts.calibration else (None, None)
+        if opts.calibration:
+            from .calibration import check_model_folder
+
+            texts, digest = _calibration_file(opts.calibration)
+            check_model_folder(opts.model)
+        else:
+            texts, digest = None, None
         config = model_config(model.spec)
         if config is not None:
             check_seq_len(seq_len, max_positions(config), model.name)
@@ -273,8 +291,11 @@ def _search_checks(opts: SearchOptions, batch: int, seq_len: int, calibrated: di
                 max_length=None, device=device, dtype=torch.float32, progress=opts.progress)
             for note in notes:
                 print(f"note: calibration: {note}", file=sys.stderr)
-            calibrated["gradients"] = gradients
             calibrated["metadata"] = {"file": str(opts.calibration), "texts": len(texts), "notes": list(notes)}
+        else:
+            gradients = None
+        calibrated["capacity"] = capacity_from_gradients(model.targets, gradients)
+        _check_allocation(opts, model, by_shape, calibrated["capacity"])
         return {"budget": opts.budget, "min_fill": opts.min_fill, "objective": opts.objective, "methods": methods,
                 "backends": backends, "sampler": opts.sampler, "seed": opts.seed, "study_name": opts.study_name,
                 "top": opts.top, "validate": opts.validate, "batch_size": batch, "seq_len": seq_len,

@@ -234,6 +234,57 @@ def test_search_writes_the_front_and_the_allocation(tmp_path, capsys):
     assert free["allocation"] == "free"
 
 
+def calibrated_search(tmp_path, *extra: str) -> tuple[list[str], object, object]:
+    """A `circtune search` command on the offline calibration folder (tiny RoBERTa MLM whose second layer's
+    gradients are the larger) with its texts; returns (command, folder, texts)."""
+    from calibration_folder import make_calibration_folder
+
+    folder, texts = make_calibration_folder(tmp_path)
+    space = tmp_path / "space.toml"
+    space.write_text('methods = ["c3a", "cdvft"]\nblock_sizes = [8, 16, 32, 64]\nfactors = [2]\ntransforms = ["rfft"]\n'
+                     'backends = ["torch"]\n')
+    command = ["search", "--model", str(folder), "--space", str(space), "--tokens", "16", "--threads", "1",
+               "--warmup", "0", "--min-reps", "2", "--max-reps", "2", "--min-time", "0", "--calibration", str(texts),
+               "--trials", "12", "--no-validate", "--quiet", "--out", str(tmp_path / "out"), *extra]
+    return command, folder, texts
+
+
+@pytest.mark.slow
+def test_calibrated_search_gives_the_layer_with_more_gradient_energy_more_parameters(tmp_path, capsys):
+    command, _, texts = calibrated_search(tmp_path, "--targets", "value", "--budget", "800")
+    assert main(command) == 0
+    assert "calibration gradients" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert meta["capacity_source"] == "calibration" and meta["allocation"] == "balanced"
+    assert meta["calibration"]["file"] == str(texts) and meta["calibration"]["texts"] == 12
+    assert any("truncated" in note for note in meta["calibration"]["notes"])
+    layers = pd.read_csv(tmp_path / "out" / "allocation.csv").sort_values("energy")
+    low, high = layers.iloc[0], layers.iloc[-1]
+    assert high.energy > 2 * low.energy  # the folder's second layer carries most of the gradient
+    assert high.params > low.params and high.capacity > low.capacity
+    assert (layers.params >= layers.window_lo).all() and (layers.params <= layers.window_hi).all()
+    assert layers.share.sum() == pytest.approx(800)
+
+
+def test_a_budget_the_balance_rule_cannot_meet_is_refused_before_profiling(tmp_path, capsys):
+    # The query layers of the calibration folder's random model get almost no gradient: their windows hold no option.
+    command, _, _ = calibrated_search(tmp_path, "--budget", "1500")
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--allocation balanced" in err and "encoder.layer.0.attention.self.query" in err
+    assert "--allocation free" in err and "by gradient energy" in err
+    assert not (tmp_path / "out").exists()  # nothing measured, nothing written
+
+
+def test_an_empty_calibration_file_is_refused_before_anything_runs(tmp_path, capsys):
+    command, _, texts = calibrated_search(tmp_path, "--budget", "800")
+    texts.write_text("\n  \n", encoding="utf-8")
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(texts) in err or texts.name in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("budget, message", [("lots", "is not a number of parameters"),
                                              ("5", "budget 5 cannot be met")])
 def test_search_budget_errors(tmp_path, capsys, budget, message):

@@ -1,9 +1,11 @@
 """The main job after profiling: search, validate, pick, and write the output folder.
 
-Writes ``adapter_config.json`` (the pick, with budget, totals, predicted and measured times, device, tokens,
-dtype and command), ``peft/adapter_config.json`` when every picked layer is C3A, ``trials.csv``,
-``validation.csv`` and ``report.html``; the profiler has already written ``measurements.csv`` and
-``profile.json``, and the study sits in the same database as the measurements.
+The problem is cut to the allocation rule's windows and picked by the capacity rule (:mod:`circtune.allocation`).
+Writes ``adapter_config.json`` (the pick, with budget, totals, predicted and measured times, capacity, device,
+tokens, dtype and command), ``peft/adapter_config.json`` when every picked layer is C3A, ``trials.csv``,
+``validation.csv``, ``front.csv`` and ``allocation.csv`` (:mod:`circtune.pick_files`) and ``report.html``; the
+profiler has already written ``measurements.csv`` and ``profile.json``, and the study sits in the same database as
+the measurements.
 """
 
 from __future__ import annotations

@@ -277,3 +277,16 @@ def test_allocation_rejects_an_unknown_rule():
     problem, capacity = _roberta_like()
     with pytest.raises(ValueError, match="accepted: balanced, free"):
         allocation.allocate(problem, capacity, "even")
+
+
+def test_a_named_study_of_another_allocation_is_not_joined(tmp_path):
+    from circtune._search import StudyMismatch
+
+    problem, capacity = _roberta_like(25_000, n=12)
+    balanced = allocate(problem, capacity, "balanced")
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    run_study(balanced, storage=storage, study_name="named", n_trials=2, progress=False,
+              identity={"allocation": "balanced", "problem": balanced.key()})
+    with pytest.raises(StudyMismatch, match="allocation 'balanced' \\(this run: 'free'\\)"):
+        run_study(problem, storage=storage, study_name="named", n_trials=2, progress=False,
+                  identity={"allocation": "free", "problem": problem.key()})

@@ -73,7 +73,7 @@ def test_runs_end_to_end_and_writes_every_run(tmp_path, capsys):
         assert 0 <= float(r["capacity"]) <= 1
     # uniform C3A at p=32: 512 parameters in each of the three planted layers
     assert rows[1]["planted_params"] == "1536"
-    assert "The capacity-aware pick" in printed or "did not run" in printed
+    assert "capacity-aware (free) wins" in printed or "capacity-aware (free) does NOT win" in printed
 
 
 def _run(name: str, final: float, lr: float = 0.1, seed: int = 0) -> "bench.Run":
@@ -84,9 +84,10 @@ def _run(name: str, final: float, lr: float = 0.1, seed: int = 0) -> "bench.Run"
 def test_verdict_says_when_capacity_does_not_win():
     runs = [_run("latency-only", 0.2), _run("latency-only", 0.5, lr=1.0), _run("capacity-aware", 0.3),
             _run("uniform c3a p=32", 0.25)]
-    assert "does NOT win" in bench.verdict(runs) and "latency-only" in bench.verdict(runs)
+    text = bench.verdict(runs)
+    assert text.startswith("capacity-aware does NOT win: latency-only") and "(50% higher)" in text
     runs.append(_run("capacity-aware", 0.1, lr=1.0))
-    assert bench.verdict(runs).startswith("The capacity-aware pick wins")
+    assert bench.verdict(runs).startswith("capacity-aware wins")
     assert "did not run" in bench.verdict(runs[:2])
     assert "| latency-only | 0.2 (0.2) | 20.0% | 0.1 |" in bench.table(runs)
 

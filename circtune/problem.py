@@ -102,8 +102,11 @@ class Problem:
         return self.lo <= params <= self.hi
 
     def signature(self, choice: Sequence[int]) -> tuple:
-        """What an assignment is up to swapping layers of one shape: equal signatures have equal predictions."""
-        return tuple(sorted(Counter((layer.shape, k) for layer, k in zip(self.layers, choice, strict=True)).items()))
+        """What an assignment is up to swapping layers of one shape that weigh the same: equal signatures have equal
+        predictions (time, memory and capacity). The option is named by its label and capacity, not its index:
+        layers cut to different balance windows, or weighted by different energies, differ there."""
+        return tuple(sorted(Counter((layer.shape, self.options[i][k].label, self.options[i][k].capacity)
+                                    for i, (layer, k) in enumerate(zip(self.layers, choice, strict=True))).items()))
 
     def key(self) -> str:
         """A short digest of what the study chooses from (layers, their options and the options' capacities), the

@@ -290,3 +290,12 @@ def test_a_named_study_of_another_allocation_is_not_joined(tmp_path):
     with pytest.raises(StudyMismatch, match="allocation 'balanced' \\(this run: 'free'\\)"):
         run_study(problem, storage=storage, study_name="named", n_trials=2, progress=False,
                   identity={"allocation": "free", "problem": problem.key()})
+
+
+def test_swapping_layers_of_one_shape_is_the_same_assignment_only_when_they_weigh_the_same():
+    uniform, _ = _roberta_like(25_000, n=4)
+    skewed, _ = _roberta_like(25_000, [0.4, 0.3, 0.2, 0.1], n=4)
+    for problem, same in ((uniform, True), (skewed, False)):
+        a, b = (0, 1, 1, 1), (1, 0, 1, 1)
+        assert (problem.signature(a) == problem.signature(b)) is same
+        assert (problem.capacity(a) == pytest.approx(problem.capacity(b))) is same

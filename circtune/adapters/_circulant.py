@@ -211,9 +211,13 @@ def _spectrum_fmajor(blocks: torch.Tensor, transform: str) -> torch.Tensor:
     torch's r2c still writes a contiguous result and copies it into the strided ``out`` (one pass, as a permute
     copy would be); the gain is that nothing else needs a copy of it afterwards, forward or backward."""
     n, q, p = blocks.shape
+    fn = torch.fft.rfft if transform == "rfft" else torch.fft.fft
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace an op into a non-contiguous out= (a graph break each time); the compiler chooses the
+        # layout itself, so the plain transform and a permute copy say the same thing.
+        return fn(blocks, dim=-1).to(_spectrum_dtype(blocks.dtype)).permute(2, 0, 1).contiguous()
     freqs = p // 2 + 1 if transform == "rfft" else p
     out = torch.empty(freqs, n, q, dtype=_spectrum_dtype(blocks.dtype), device=blocks.device)
-    fn = torch.fft.rfft if transform == "rfft" else torch.fft.fft
     fn(blocks, dim=-1, out=out.permute(1, 2, 0))
     return out
 

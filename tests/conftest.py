@@ -16,6 +16,14 @@ def _threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, for tests of tiny tensors (gradchecks, reference checks): on a busy 2-core machine two
+    threads make each small op 10-20x slower (a 60x60 layer's gradcheck: 12 s of CPU against 0.8). Not for tests
+    that measure: the thread count is part of the CPU's fingerprint. ``_threads`` restores the count afterwards."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _cpu_unless_gpu(request, monkeypatch):
     """A test not marked ``gpu`` assumes the CPU wherever it runs: on a GPU machine, a command without --device

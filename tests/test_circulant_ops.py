@@ -15,6 +15,8 @@ from circtune.adapters._circulant import (
     spectral_kernel_grad,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 # (q_out, q_in, p): square, non-square both ways, one block, non-power-of-two and odd p, many small blocks.
 KERNEL_SHAPES = [(2, 3, 5), (3, 2, 4), (1, 1, 6), (4, 4, 16), (2, 16, 48), (1, 1, 64), (8, 8, 8), (6, 5, 3)]
 TOKENS = [1, 7, 33]

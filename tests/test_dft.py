@@ -9,6 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from circtune.adapters import _dft, block_circulant_product
 from circtune.adapters._dft import dft_bases, dft_kernel_grad, inverse, mix, spectrum
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 # (q_out, q_in, p): non-square both ways, p not a power of two (12, 24, 48), odd p, p = 1 and 2, many blocks.
 SHAPES = [(2, 3, 12), (3, 2, 24), (1, 4, 48), (4, 1, 48), (2, 2, 7), (3, 3, 1), (2, 5, 2), (6, 5, 3), (8, 8, 8)]
 

@@ -24,6 +24,8 @@ from torch import nn
 from circtune.adapters import C3ALinear, CDVFTLinear, available_backends, get_backend
 from circtune.space import expand, parse_space
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 # Before the kernel modules are imported (circtune itself imports neither them nor Triton).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -7,6 +7,8 @@ from torch import nn
 
 from circtune import C3ALinear, CDVFTLinear, c3a_num_params, cdvft_num_params
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 PATHS = [("torch", "rfft"), ("torch", "fft"), ("torch", "dft"), ("dense", "rfft")]
 # (d_in, d_out, p): the shapes, with block sizes that are not powers of two among them.
 SHAPES = [(64, 64, 16), (64, 64, 64), (768, 768, 48), (768, 768, 768), (768, 3072, 96), (3072, 768, 192),

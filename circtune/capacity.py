@@ -18,17 +18,28 @@ The sets, by method:
   ``‖∂L/∂w‖² = p · scale² · ‖P_p(G)‖²`` (scale = the layer's ``1/d_in``).
 * ``lora`` at rank r (``Candidate.factors``): matrices of rank ≤ r; by Eckart–Young the top-r singular energy.
 * ``cdvft`` with m factors at block size p: ``ΔW = D_m C_{m−1} D_{m−1} ⋯ C_1 D_1`` (diagonals D, block-circulant C
-  of block p; α and scales are absorbed). Not a linear set, so it is fitted (:func:`_fit_cdvft`): m = 2 by
-  alternating least squares — each of D_2, D_1, C_1 in turn has a closed-form least-squares update given the others,
-  so the fit never gets worse — started at the C3A projection with D = 1 (so it captures at least what C3A at the
-  same p does) and stopped when a sweep gains less than ``1e-4·‖G‖²`` or after 15 sweeps; m ≥ 3 starts from the
-  (m − 1) fit with the new factors at the identity (slightly perturbed, seeded, to leave that saddle) and takes
-  :data:`CDVFT_STEPS` Adam steps on all factors (ΔW's circulant products through the real FFT), keeping the best
-  iterate. Each m therefore captures at least what m − 1 does; for m ≥ 3 the value is a lower bound on the best
-  fit (a short fit, not the optimum: on a Gaussian 512 × 512 G at p = 32, m = 3 reaches 0.106 after 25 steps and
-  0.136 after 150). ALS finds a local optimum: a CDVFT update whose diagonals are positive (as a trained CDVFT's,
-  which start at one) is recovered whole; one whose diagonals have mixed signs can stop short (0.75–0.99 of it
-  in the tests' small shapes). The fits run on G scaled to unit RMS in float32, on the CPU, deterministic (seeded).
+  of block p; α and scales are absorbed). Not a linear set, so it is fitted by least squares, deterministically
+  (seeded), in float32 on G scaled to unit RMS, on the CPU:
+
+  - m = 2 by alternating least squares (:func:`_als_cdvft2`): each of D_2, D_1, C_1 in turn has a closed-form
+    least-squares update given the others, so the fit never gets worse; it starts at the C3A projection with D = 1
+    and stops when a sweep gains less than ``1e-4·‖G‖²`` or after 15 sweeps.
+  - m ≥ 3 (:func:`_refine_cdvft`) starts from the (m − 1) fit with the new factors at the identity (slightly
+    perturbed, seeded, to leave that saddle) and takes :data:`CDVFT_STEPS` Adam steps on all factors (the circulant
+    products through the real FFT), keeping the best iterate. Each m captures at least what m − 1 does.
+  - Cost cap: the fit runs on a strided sub-block of G (every k-th block row and column, same p) of at most
+    :data:`CDVFT_FIT_ENTRIES` entries, and the fraction is C3A's exact share on the whole of G plus what the fit
+    gains over C3A's projection on the sub-block (the whole of G when it is small enough: then it is the fit
+    itself), clamped to [C3A's share, 1]. A block larger than the cap (p > 128) is fitted whole with fewer sweeps
+    and steps, in proportion.
+
+  What this is not: the optimum. ALS stops in a local optimum (a CDVFT update with positive diagonals, as a
+  trained CDVFT's are near their init of one, is recovered whole; one with mixed-sign diagonals can stop at
+  0.75–0.99 in the tests' small shapes); the Adam refinement is short (a Gaussian 512 × 512 G at p = 32: m = 3
+  reaches 0.106 after 25 steps, 0.136 after 150); and the sub-block keeps the circulants' ``d²/p`` share of the
+  dimension but not structure of absolute size (a gradient of rank k is relatively richer in a smaller block).
+  Measured on a 1024 × 1024 rank-16-plus-noise G: m = 3 at p = 32 is 0.25 here against 0.50 from a full-size
+  fit with the same steps. Read CDVFT's fractions at m ≥ 3 as conservative.
 * ``none``: 0.
 
 Without data (built-in models have random weights) :func:`uniform_fraction` gives the expected share for an
@@ -55,7 +66,12 @@ _ALS_SWEEPS = 15
 CDVFT_STEPS = 25
 _ADAM_LR = 3e-3
 _FIT_SEED = 0
-# uniform_fraction: Gaussian samples larger than this many entries are replaced by a proportional proxy shape.
+# CDVFT fits run on a strided sub-block of G (every k-th block row and column, same p) of at most this many
+# entries (never less than one p x p block); on a larger block (p > 128), the ALS sweeps and Adam steps shrink in
+# proportion to its size (at least 4 and 5).
+# See _GradientFractions._cdvft.
+CDVFT_FIT_ENTRIES = 128 * 128
+# uniform_fraction for LoRA: Gaussian samples larger than this many entries are replaced by a proportional proxy.
 _PROXY_ENTRIES = 256 * 256
 # ... and small shapes average several samples, so that the estimate does not depend on one draw.
 _MIN_SAMPLE_ENTRIES = 1 << 14
@@ -139,7 +155,7 @@ def _als_cdvft2(g: torch.Tensor, p: int) -> tuple[list[torch.Tensor], float]:
     d2 = torch.ones(d_out, dtype=g.dtype)
     w = diagonal_sums(g, p) / p  # the optimum at D = 1: C3A's projection
     captured = float(w.square().sum(dtype=torch.float64)) * p
-    for _ in range(_ALS_SWEEPS):
+    for _ in range(max(4, min(_ALS_SWEEPS, _ALS_SWEEPS * CDVFT_FIT_ENTRIES // g.numel()))):
         dense = block_circulant(w).reshape(q_out, p, q_in, p)
         # D_2 given C, D_1: row a of ΔW is d2[a]·M[a, :], with M = C D_1.
         m = dense * d1.view(1, 1, q_in, p)
@@ -211,7 +227,8 @@ def _refine_cdvft(g: torch.Tensor, p: int, start: list[torch.Tensor], captured: 
     opt = torch.optim.Adam([{"params": [t], "lr": lr} for t, lr in zip(params, lrs, strict=True)])
     total = float(g.square().sum(dtype=torch.float64))
     best, best_params = captured, [t.detach().clone() for t in params]
-    for _ in range(CDVFT_STEPS):
+    steps = max(5, min(CDVFT_STEPS, CDVFT_STEPS * CDVFT_FIT_ENTRIES // g.numel()))
+    for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         loss = (g - _cdvft_delta(params)).square().sum()
         value = total - float(loss.detach())
@@ -239,9 +256,9 @@ class _GradientFractions:
             raise ValueError("the layer gradient has non-finite values (NaN or inf); capacity needs a finite one")
         self.g = g
         self.total = float(g.square().sum())
-        self._g_fit: torch.Tensor | None = None
+        self._subs: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
         self._energy: dict[tuple, float] = {}
-        self._fits: dict[tuple[int, int], tuple[list[torch.Tensor], float]] = {}
+        self._fits: dict[tuple[int, int, int], tuple[list[torch.Tensor], float]] = {}
         self._cum: torch.Tensor | None = None
 
     def fraction(self, candidate: Candidate) -> float:
@@ -262,7 +279,7 @@ class _GradientFractions:
             m = candidate.factors
             if not isinstance(m, int) or m < 2:
                 raise ValueError(f"{_name(candidate)}: CDVFT needs factors >= 2, got {m!r}")
-            energy = self._cdvft_fit(p, m)[1] * self.total
+            energy = self._cdvft(p, m) * self.total
         else:
             raise ValueError(f"no capacity rule for method {method!r}; known: none, lora, c3a, peft-c3a, cdvft")
         return min(1.0, max(0.0, energy / self.total))
@@ -278,20 +295,60 @@ class _GradientFractions:
             self._cum = torch.linalg.svdvals(self.g).square().cumsum(0)
         return float(self._cum[min(r, self._cum.numel()) - 1])
 
-    def _cdvft_fit(self, p: int, m: int) -> tuple[list[torch.Tensor], float]:
-        """(factors, captured fraction) of the CDVFT fit at (p, m). The fit runs on G scaled to unit RMS in
-        float32 (the fraction is scale-free; float32 halves the memory traffic of an O(N)-per-step fit)."""
-        if (p, m) not in self._fits:
-            if self._g_fit is None:
-                self._g_fit = (self.g * math.sqrt(self.g.numel() / self.total)).float()
-            total = float(self._g_fit.double().square().sum())
-            if m == 2:
-                factors, captured = _als_cdvft2(self._g_fit, p)
+    def _sub_block(self, p: int, k: int) -> tuple[torch.Tensor, float]:
+        """(the sub-block of every k-th block row and column of G, scaled to unit RMS in float32; its squared
+        norm). The fraction is scale-free; float32 halves the memory traffic of the fits, which are O(N) per step."""
+        key = (p, k)
+        if key not in self._subs:
+            d_out, d_in = self.g.shape
+            sub = self.g.reshape(d_out // p, p, d_in // p, p)[::k, :, ::k, :]
+            sub = sub.reshape(sub.shape[0] * p, sub.shape[2] * p)
+            norm = float(sub.square().sum())
+            sub = (sub * math.sqrt(sub.numel() / norm)).float() if norm > 0 else sub.float()
+            self._subs[key] = sub, float(sub.double().square().sum())
+        return self._subs[key]
+
+    def _chain(self, p: int, m: int, k: int) -> float:
+        """Captured fraction of the CDVFT fit with m factors on the sub-block of stride k; m = 2 by ALS, each
+        further m refined from m − 1."""
+        key = (p, m, k)
+        if key not in self._fits:
+            sub, total = self._sub_block(p, k)
+            if total == 0.0:
+                factors, captured = [], 0.0
+            elif m == 2:
+                factors, captured = _als_cdvft2(sub, p)
             else:
-                start, fraction = self._cdvft_fit(p, m - 1)
-                factors, captured = _refine_cdvft(self._g_fit, p, start, fraction * total)
-            self._fits[(p, m)] = factors, captured / total
-        return self._fits[(p, m)]
+                self._chain(p, m - 1, k)
+                start, fraction = self._fits[(p, m - 1, k)]
+                factors, captured = _refine_cdvft(sub, p, start, fraction * total)
+            self._fits[key] = factors, (captured / total if total else 0.0)
+        return self._fits[key][1]
+
+    def _cdvft(self, p: int, m: int) -> float:
+        """The CDVFT fraction: C3A's exact projection at the same p (its set is inside CDVFT's: D = 1, and the
+        m − 2 extra circulants the identity) plus what the CDVFT fit gains over that projection on a strided
+        sub-block of G of at most CDVFT_FIT_ENTRIES entries (the whole of G when it is that small: then this is
+        the fit itself), clamped to [C3A's share, 1]. The sub-block keeps p, so the circulants' d²/p share of the
+        dimension is kept; what it does not keep is structure whose size is absolute (a gradient of rank k
+        is relatively richer in a smaller block), so on large layers this errs low."""
+        exact = self._projection_energy(p) / self.total
+        q_out, q_in = self.g.shape[0] // p, self.g.shape[1] // p
+        k = _stride(q_out, q_in, p, CDVFT_FIT_ENTRIES)
+        sub, total = self._sub_block(p, k)
+        if total == 0.0:
+            return exact
+        gain = self._chain(p, m, k) - float(diagonal_sums(sub.double(), p).square().sum()) / p / total
+        return min(1.0, max(exact, exact + gain))
+
+
+def _stride(q_out: int, q_in: int, p: int, limit: int) -> int:
+    """The smallest k whose strided sub-block (every k-th block row and column) has at most ``limit`` entries
+    (1 when the whole matrix fits; at most one block, whatever the limit)."""
+    k = 1
+    while k < max(q_out, q_in) and math.ceil(q_out / k) * math.ceil(q_in / k) * p * p > limit:
+        k += 1
+    return k
 
 
 def captured_fraction(grad: torch.Tensor, candidate: Candidate) -> float:
@@ -329,12 +386,12 @@ def uniform_fraction(d_in: int, d_out: int, candidate: Candidate) -> float:
     to expect when nothing is known about the layer's gradient.
 
     Linear sets are exact: ``dim/N`` (C3A and PEFT's C3A at block p: ``1/p``). LoRA and CDVFT are estimated on a
-    seeded Gaussian sample (the mean of several for small shapes). Shapes above 256 × 256 entries use a proxy
-    with both dimensions divided by the same k: for LoRA the top-r share of a Gaussian matrix depends, up to
-    O(d^-2/3) edge effects, only on r / min(d) and the aspect ratio (Marchenko–Pastur), so the proxy is read at
-    rank r/k (interpolated); for CDVFT the proxy keeps p, so the circulant factors' ``d²/p`` share of the
-    dimension is kept and only the diagonals' O(1/d) share is overstated (by k, and at most (d_in + d_out)/N of
-    the proxy).
+    seeded Gaussian sample (the mean of several for small shapes), cached per shape. LoRA on shapes above
+    256 × 256 entries uses a proxy with both dimensions divided by the same k: the top-r share of a Gaussian
+    matrix depends, up to O(d^-2/3) edge effects, only on r / min(d) and the aspect ratio (Marchenko–Pastur), so
+    the proxy is read at rank r/k (interpolated). CDVFT follows the same rule as with data (C3A's share plus the
+    fit's gain on the strided sub-block, whose entries a Gaussian G leaves Gaussian), so it is the fit on a
+    Gaussian of the sub-block's shape.
     """
     method = candidate.method
     if method == "none":
@@ -360,7 +417,12 @@ def uniform_fraction(d_in: int, d_out: int, candidate: Candidate) -> float:
         return min(1.0, sum(values) / len(values))
     if method == "cdvft":
         p = _check_block(d_out, d_in, candidate.block_size, _name(candidate))
-        po, pi, _ = _proxy_shape(d_out, d_in, p)
+        # As for data: C3A's share (1/p at any shape) plus the gain over it measured on the sub-block's shape; a
+        # strided sub-block of a Gaussian is Gaussian, so that is the fraction at the sub-block's shape.
+        k = _stride(d_out // p, d_in // p, p, CDVFT_FIT_ENTRIES)
+        po, pi = math.ceil(d_out // p / k) * p, math.ceil(d_in // p / k) * p
+        if (po, pi) != (d_out, d_in):
+            return uniform_fraction(pi, po, candidate)
         proxy = Candidate("cdvft", p, candidate.factors)
         samples = _gaussian_samples(po, pi)
         return sum(s.fraction(proxy) for s in samples) / len(samples)
@@ -405,6 +467,19 @@ class Capacity:
 
     def score(self, layer: TargetLayer, candidate: Candidate) -> float:
         return self.energy.get(layer.name, 0.0) * self.fraction(layer, candidate)
+
+    def precompute(self, layers: Sequence[TargetLayer], candidates: Sequence[Candidate], *,
+                   progress: bool = False) -> None:
+        """Compute every (layer, candidate) fraction now, with a progress bar: CDVFT fits on calibration gradients
+        take seconds per layer (see the module docstring), which a caller may want to show."""
+        from tqdm.auto import tqdm
+
+        sets = sorted({_key(c) for c in candidates}, key=lambda k: (k[0], k[1] or 0, k[2] or 0))
+        for layer in tqdm(layers, desc="capacity", unit="layer", disable=not progress):
+            for key in sets:
+                if key[0] == "none" or key[1] is not None and (layer.d_in % key[1] or layer.d_out % key[1]):
+                    continue
+                self.fraction(layer, Candidate(*key))
 
 
 def capacity_from_gradients(layers: Sequence[TargetLayer], gradients: Mapping[str, torch.Tensor] | None

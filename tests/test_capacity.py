@@ -222,3 +222,32 @@ def test_capacity_refuses_missing_or_misshaped_gradients():
         capacity_from_gradients(layers, {"a": torch.randn(12, 18)})
     everything_zero = capacity_from_gradients(layers, {"a": torch.zeros(18, 12)})
     assert everything_zero.energy == {"a": 1.0}
+
+
+def test_cdvft_on_a_sub_block_keeps_its_guarantees(monkeypatch):
+    """A layer larger than the fit's cap: C3A's exact share plus the gain on a strided sub-block, still in
+    [C3A's share, 1], monotone in m, and equal to the whole fit when the cap covers the layer."""
+    import circtune.capacity as capacity
+
+    g = torch.randn(48, 16, dtype=torch.float64) @ torch.randn(16, 72, dtype=torch.float64)
+    g += 0.2 * torch.randn(48, 72, dtype=torch.float64)
+    whole = [captured_fraction(g, Candidate("cdvft", 4, m)) for m in (2, 3)]
+    monkeypatch.setattr(capacity, "CDVFT_FIT_ENTRIES", 24 * 24)
+    assert capacity._stride(12, 18, 4, 24 * 24) == 3
+    c3a = captured_fraction(g, Candidate("c3a", 4))
+    capped = [captured_fraction(g, Candidate("cdvft", 4, m)) for m in (2, 3, 4)]
+    assert c3a <= capped[0] <= capped[1] <= capped[2] <= 1.0, (c3a, capped)
+    assert capped[0] > c3a + 1e-3
+    assert capped[:2] != whole
+    monkeypatch.setattr(capacity, "CDVFT_FIT_ENTRIES", 48 * 72)
+    assert [captured_fraction(g, Candidate("cdvft", 4, m)) for m in (2, 3)] == pytest.approx(whole, abs=1e-5)
+
+
+def test_precompute_fills_the_cache():
+    layers = [TargetLayer("a", 12, 18), TargetLayer("b", 18, 12)]
+    cap = capacity_from_gradients(layers, {"a": torch.randn(18, 12), "b": torch.randn(12, 18)})
+    cands = [Candidate("c3a", 3, None, "rfft", "torch"), Candidate("c3a", 3, None, "fft", "torch"),
+             Candidate("cdvft", 6, 2, "rfft", "torch"), Candidate("lora", None, 2), Candidate("c3a", 4, None)]
+    cap.precompute(layers, cands)
+    # one entry per layer and set (transforms share one; p = 4 divides neither layer and is skipped)
+    assert len(cap._cache) == 2 * 3

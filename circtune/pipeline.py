@@ -148,6 +148,9 @@ def run_search(opts: SearchOptions, *, model: ModelInfo, info, settings, out: Pa
     metadata says of the calibration texts (None without)."""
     identity = dict(identity or {})
     here = frame[(frame.tokens == settings.tokens) & (frame.dtype == dtype)]
+    if capacity is not None:  # CDVFT fits take seconds per layer: once, with a progress bar
+        capacity.precompute(model.targets, [Candidate.from_row(r) for r in here[here.status == "ok"].itertuples()],
+                            progress=opts.progress)
     full = build_problem(model.targets, here, opts.budget, opts.min_fill, methods=opts.methods,
                          backends=opts.backends, capacity=capacity)
     problem = allocate(full, capacity, opts.allocation)

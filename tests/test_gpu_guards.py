@@ -21,6 +21,8 @@ from circtune.models import build_model, resolve_model
 from circtune.space import Candidate, parse_space
 from circtune.validate import baseline_plan, candidate_plan, validate
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

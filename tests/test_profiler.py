@@ -19,7 +19,7 @@ SPACE = parse_space({"methods": ["c3a", "cdvft"], "block_sizes": [16, 24, 32], "
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path, one_thread):  # one thread: tiny layers (the fingerprint below records it, as every run here)
     model = resolve_model("tiny_models:two_shapes", ["up", "square"])
     settings = ProfileSettings(tokens=20, dtypes=("fp32",), device=torch.device("cpu"), timing=FAST)
     plans = plan_shapes(model, SPACE, "cpu", peft=True)

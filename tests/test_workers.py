@@ -77,7 +77,7 @@ def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
     assert store.claim(key, "third", timeout_s=60)
 
 
-def test_a_dead_workers_job_is_measured_after_its_claim_times_out(tmp_path):
+def test_a_dead_workers_job_is_measured_after_its_claim_times_out(tmp_path, one_thread):
     import sys
 
     sys.path.insert(0, "tests")

@@ -42,6 +42,7 @@ def test_search_help_states_the_search_defaults(capsys):
     assert "(default: 512 on the CPU, 4096 on a GPU)" in text and "runs/<model>-<device>-profile" in text
 
 
+@pytest.mark.slow  # end to end: builds a RoBERTa, trains C3A and CDVFT, saves, reloads
 def test_demo_trains_saves_and_reloads(tmp_path, capsys):
     assert main(["demo", "--steps", "3", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

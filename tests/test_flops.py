@@ -258,7 +258,7 @@ def test_kernel_gradient_route_rules_agree_and_spectral_is_cheaper_where_taken()
         flops.spectral_kernel_grad_flops(8, 2, 2, 4, "fft")
 
 
-def test_triton_custom_ops_pass_torch_opcheck():
+def test_triton_custom_ops_pass_torch_opcheck(one_thread):
     """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the three ops, as torch's own
     checker sees them (fp64 on the interpreter; compiled on a GPU)."""
     pytest.importorskip("triton")

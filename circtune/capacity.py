@@ -27,19 +27,22 @@ The sets, by method:
   - m ≥ 3 (:func:`_refine_cdvft`) starts from the (m − 1) fit with the new factors at the identity (slightly
     perturbed, seeded, to leave that saddle) and takes :data:`CDVFT_STEPS` Adam steps on all factors (the circulant
     products through the real FFT), keeping the best iterate. Each m captures at least what m − 1 does.
-  - Cost cap: the fit runs on a strided sub-block of G (every k-th block row and column, same p) of at most
-    :data:`CDVFT_FIT_ENTRIES` entries, and the fraction is C3A's exact share on the whole of G plus what the fit
-    gains over C3A's projection on the sub-block (the whole of G when it is small enough: then it is the fit
-    itself), clamped to [C3A's share, 1]. A block larger than the cap (p > 128) is fitted whole with fewer sweeps
-    and steps, in proportion.
+  - Cost cap: fits run on strided sub-blocks of G (every k-th block row and column, same p): the fraction is
+    C3A's exact share on the whole of G, plus the m = 2 fit's gain over C3A's projection on a sub-block of at most
+    512 × 512 entries, plus (m ≥ 3) the m-factor fit's gain over the 2-factor one on a sub-block of at most
+    :data:`CDVFT_FIT_ENTRIES` (128 × 128) entries, clamped to [C3A's share, 1]. Where a sub-block is the whole of G
+    (small layers), its term is the fit itself. A single block larger than a sub-block's cap is fitted whole with
+    fewer ALS sweeps and Adam steps, in proportion (at least 4 and 5); one larger than 1024 × 1024 (p > 1024) is
+    not fitted (CDVFT's share is C3A's there). Measured on this project's shared 2-core CPU under a load of ~8:
+    5–13 s of CPU per 1024 × 1024 layer for all 18 (p, m) of the default space (p = 32 … 1024, m = 2, 3, 4).
 
   What this is not: the optimum. ALS stops in a local optimum (a CDVFT update with positive diagonals, as a
   trained CDVFT's are near their init of one, is recovered whole; one with mixed-sign diagonals can stop at
   0.75–0.99 in the tests' small shapes); the Adam refinement is short (a Gaussian 512 × 512 G at p = 32: m = 3
   reaches 0.106 after 25 steps, 0.136 after 150); and the sub-block keeps the circulants' ``d²/p`` share of the
   dimension but not structure of absolute size (a gradient of rank k is relatively richer in a smaller block).
-  Measured on a 1024 × 1024 rank-16-plus-noise G: m = 3 at p = 32 is 0.25 here against 0.50 from a full-size
-  fit with the same steps. Read CDVFT's fractions at m ≥ 3 as conservative.
+  Measured on a 1024 × 1024 rank-16-plus-noise G at p = 32: m = 2 is 0.094 here against 0.086 from the
+  full-size fit, m = 3 is 0.20 against 0.50 (the same steps). Read CDVFT's fractions at m ≥ 3 as conservative.
 * ``none``: 0.
 
 Without data (built-in models have random weights) :func:`uniform_fraction` gives the expected share for an
@@ -71,6 +74,10 @@ _FIT_SEED = 0
 # proportion to its size (at least 4 and 5).
 # See _GradientFractions._cdvft.
 CDVFT_FIT_ENTRIES = 128 * 128
+# ... except the m = 2 fit (ALS: cheap per sweep), which runs on a sub-block of up to this many entries; and a
+# single block larger than _MAX_BLOCK_ENTRIES (p > 1024) is not fitted at all (CDVFT's share is C3A's there).
+_ALS_ENTRIES = 512 * 512
+_MAX_BLOCK_ENTRIES = 1024 * 1024
 # uniform_fraction for LoRA: Gaussian samples larger than this many entries are replaced by a proportional proxy.
 _PROXY_ENTRIES = 256 * 256
 # ... and small shapes average several samples, so that the estimate does not depend on one draw.
@@ -155,7 +162,7 @@ def _als_cdvft2(g: torch.Tensor, p: int) -> tuple[list[torch.Tensor], float]:
     d2 = torch.ones(d_out, dtype=g.dtype)
     w = diagonal_sums(g, p) / p  # the optimum at D = 1: C3A's projection
     captured = float(w.square().sum(dtype=torch.float64)) * p
-    for _ in range(max(4, min(_ALS_SWEEPS, _ALS_SWEEPS * CDVFT_FIT_ENTRIES // g.numel()))):
+    for _ in range(max(4, min(_ALS_SWEEPS, _ALS_SWEEPS * _ALS_ENTRIES // g.numel()))):
         dense = block_circulant(w).reshape(q_out, p, q_in, p)
         # D_2 given C, D_1: row a of ΔW is d2[a]·M[a, :], with M = C D_1.
         m = dense * d1.view(1, 1, q_in, p)
@@ -326,19 +333,22 @@ class _GradientFractions:
         return self._fits[key][1]
 
     def _cdvft(self, p: int, m: int) -> float:
-        """The CDVFT fraction: C3A's exact projection at the same p (its set is inside CDVFT's: D = 1, and the
-        m − 2 extra circulants the identity) plus what the CDVFT fit gains over that projection on a strided
-        sub-block of G of at most CDVFT_FIT_ENTRIES entries (the whole of G when it is that small: then this is
-        the fit itself), clamped to [C3A's share, 1]. The sub-block keeps p, so the circulants' d²/p share of the
-        dimension is kept; what it does not keep is structure whose size is absolute (a gradient of rank k
-        is relatively richer in a smaller block), so on large layers this errs low."""
+        """The CDVFT fraction (see the module docstring): C3A's exact share, plus the m = 2 fit's gain over C3A's
+        projection on a sub-block of up to _ALS_ENTRIES, plus the m-factor fit's gain over the 2-factor one on a
+        sub-block of up to CDVFT_FIT_ENTRIES; clamped to [C3A's share, 1]. Where a sub-block is the whole of G, its
+        term is the fit itself."""
         exact = self._projection_energy(p) / self.total
+        if p * p > _MAX_BLOCK_ENTRIES:
+            return exact
         q_out, q_in = self.g.shape[0] // p, self.g.shape[1] // p
-        k = _stride(q_out, q_in, p, CDVFT_FIT_ENTRIES)
-        sub, total = self._sub_block(p, k)
+        k2 = _stride(q_out, q_in, p, _ALS_ENTRIES)
+        sub, total = self._sub_block(p, k2)
         if total == 0.0:
             return exact
-        gain = self._chain(p, m, k) - float(diagonal_sums(sub.double(), p).square().sum()) / p / total
+        gain = self._chain(p, 2, k2) - float(diagonal_sums(sub.double(), p).square().sum()) / p / total
+        if m > 2:
+            k = _stride(q_out, q_in, p, CDVFT_FIT_ENTRIES)
+            gain += self._chain(p, m, k) - self._chain(p, 2, k)
         return min(1.0, max(exact, exact + gain))
 
 
@@ -417,9 +427,11 @@ def uniform_fraction(d_in: int, d_out: int, candidate: Candidate) -> float:
         return min(1.0, sum(values) / len(values))
     if method == "cdvft":
         p = _check_block(d_out, d_in, candidate.block_size, _name(candidate))
-        # As for data: C3A's share (1/p at any shape) plus the gain over it measured on the sub-block's shape; a
-        # strided sub-block of a Gaussian is Gaussian, so that is the fraction at the sub-block's shape.
-        k = _stride(d_out // p, d_in // p, p, CDVFT_FIT_ENTRIES)
+        # As for data: C3A's share (1/p at any shape) plus the gains measured on sub-blocks; a strided sub-block of
+        # a Gaussian is Gaussian, so the fraction at the larger sub-block's shape is the same estimate.
+        if p * p > _MAX_BLOCK_ENTRIES:
+            return 1.0 / p
+        k = _stride(d_out // p, d_in // p, p, _ALS_ENTRIES)
         po, pi = math.ceil(d_out // p / k) * p, math.ceil(d_in // p / k) * p
         if (po, pi) != (d_out, d_in):
             return uniform_fraction(pi, po, candidate)

@@ -281,12 +281,13 @@ def layer_gradients(model: nn.Module, target_names: Sequence[str], batches: Iter
     loss summed over ``batches``. Only the target weights require grad while this runs (so nothing else is
     computed or stored for the backward), the model is in eval mode (no dropout), and each batch's gradient is
     added to a float64 accumulator and freed: nothing per token is kept. ``loss_fn(model, batch)`` defaults to
-    :func:`default_loss`. Every flag (requires_grad, training) is put back afterwards, also on an error."""
+    :func:`default_loss`. Every flag (requires_grad, training) and every parameter's ``.grad`` are put back
+    afterwards, also on an error."""
     from tqdm.auto import tqdm
 
     targets = resolve_targets(model, target_names)
     loss_fn = loss_fn or default_loss(model)
-    flags = {p: p.requires_grad for p in model.parameters()}
+    flags = {p: (p.requires_grad, p.grad) for p in model.parameters()}
     training = model.training
     device = next(iter(targets.values())).weight.device
     acc = {n: torch.zeros(m.out_features, m.in_features, dtype=torch.float64) for n, m in targets.items()}
@@ -295,13 +296,14 @@ def layer_gradients(model: nn.Module, target_names: Sequence[str], batches: Iter
         model.eval()
         for p in flags:
             p.requires_grad_(False)
-            p.grad = None
+            p.grad = None  # the caller's gradients are put back afterwards
         for m in targets.values():
             m.weight.requires_grad_(True)
         total = len(batches) if hasattr(batches, "__len__") else None
         for batch in tqdm(batches, total=total, desc="calibration gradients", unit="batch", disable=not progress):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            loss = loss_fn(model, batch)
+            with torch.enable_grad():  # also when the caller runs under no_grad
+                loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise ValueError(f"calibration loss is not finite ({float(loss)}) on batch {seen + 1}")
             loss.backward()
@@ -311,9 +313,9 @@ def layer_gradients(model: nn.Module, target_names: Sequence[str], batches: Iter
                     m.weight.grad = None
             seen += 1
     finally:
-        for p, flag in flags.items():
+        for p, (flag, grad) in flags.items():
             p.requires_grad_(flag)
-            p.grad = None
+            p.grad = grad
         model.train(training)
     if seen == 0:
         raise ValueError("no calibration batches: layer gradients need at least one batch")

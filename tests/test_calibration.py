@@ -182,10 +182,13 @@ def test_layer_gradients_equal_hook_sums(builder, names):
     for i, p in enumerate(params):
         p.requires_grad_(i % 3 != 0)
     before = [p.requires_grad for p in params]
+    kept = torch.ones_like(params[1])
+    params[1].grad = kept  # a caller's gradient (e.g. mid-training) comes back untouched
     model.train()
-    grads = layer_gradients(model, names, batches)
+    with torch.no_grad():  # the caller's grad mode does not matter
+        grads = layer_gradients(model, names, batches)
     assert [p.requires_grad for p in params] == before
-    assert model.training and all(p.grad is None for p in params)
+    assert model.training and params[1].grad is kept and all(p.grad is None for p in params[2:])
     for n in names:
         assert grads[n].dtype == torch.float64 and grads[n].device.type == "cpu"
         assert float(grads[n].abs().max()) > 0

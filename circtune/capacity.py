@@ -33,8 +33,9 @@ The sets, by method:
     :data:`CDVFT_FIT_ENTRIES` (128 × 128) entries, clamped to [C3A's share, 1]. Where a sub-block is the whole of G
     (small layers), its term is the fit itself. A single block larger than a sub-block's cap is fitted whole with
     fewer ALS sweeps and Adam steps, in proportion (at least 4 and 5); one larger than 1024 × 1024 (p > 1024) is
-    not fitted (CDVFT's share is C3A's there). Measured on this project's shared 2-core CPU under a load of ~8:
-    5–13 s of CPU per 1024 × 1024 layer for all 18 (p, m) of the default space (p = 32 … 1024, m = 2, 3, 4).
+    not fitted (CDVFT's share is C3A's there). Measured on this project's shared 2-core CPU under a load of ~6
+    (1024 × 1024 layer, all 18 (p, m) of the default space, p = 32 … 1024, m = 2, 3, 4): 16 s of CPU, 30 s wall;
+    0.3–0.5 s CPU for each m = 2 fit, 0.6–2.9 s for each m ≥ 3 (C3A's projection: 0.01–0.04 s per p).
 
   What this is not: the optimum. ALS stops in a local optimum (a CDVFT update with positive diagonals, as a
   trained CDVFT's are near their init of one, is recovered whole; one with mixed-sign diagonals can stop at
@@ -70,9 +71,8 @@ CDVFT_STEPS = 25
 _ADAM_LR = 3e-3
 _FIT_SEED = 0
 # CDVFT fits run on a strided sub-block of G (every k-th block row and column, same p) of at most this many
-# entries (never less than one p x p block); on a larger block (p > 128), the ALS sweeps and Adam steps shrink in
-# proportion to its size (at least 4 and 5).
-# See _GradientFractions._cdvft.
+# entries (never less than one p x p block); on a block larger than the cap, the Adam steps (and, past
+# _ALS_ENTRIES, the ALS sweeps) shrink in proportion to its size (at least 5 and 4). See _GradientFractions._cdvft.
 CDVFT_FIT_ENTRIES = 128 * 128
 # ... except the m = 2 fit (ALS: cheap per sweep), which runs on a sub-block of up to this many entries; and a
 # single block larger than _MAX_BLOCK_ENTRIES (p > 1024) is not fitted at all (CDVFT's share is C3A's there).

@@ -156,8 +156,9 @@ def run_search(opts: SearchOptions, *, model: ModelInfo, info, settings, out: Pa
     problem = allocate(full, capacity, opts.allocation)
     pick = capacity_pick(problem, opts.capacity_tolerance, opts.objective)
     front = capacity_front(problem)
+    # Uniform C3A only where it meets the window (elsewhere the repaired trial would carry a misleading label).
     seeds = [pick, *_spread(supported_points(front), 12), *_spread(front, 12), *neighbours(problem, pick),
-             *uniform_c3a(problem)]
+             *(u for u in uniform_c3a(problem) if problem.feasible(u.params))]
     choice = {"full": full, "pick": pick, "front": front, "best": best_capacity(problem),
               "latency_only": replace(exact_optimum(full), label="latency-only optimum"), "capacity": capacity,
               "calibration": calibration}

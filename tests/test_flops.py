@@ -13,6 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from circtune import C3ALinear, CDVFTLinear
 from circtune.measure.flops import FLOP_COUNTER_FORMULAS, FVCORE_HANDLES, analytic_flops, count_flops
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny layers: see conftest.one_thread
+
 # Before the kernel modules are imported (the triton rows below), as in tests/test_kernels.py.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -258,7 +260,7 @@ def test_kernel_gradient_route_rules_agree_and_spectral_is_cheaper_where_taken()
         flops.spectral_kernel_grad_flops(8, 2, 2, 4, "fft")
 
 
-def test_triton_custom_ops_pass_torch_opcheck(one_thread):
+def test_triton_custom_ops_pass_torch_opcheck():
     """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the three ops, as torch's own
     checker sees them (fp64 on the interpreter; compiled on a GPU)."""
     pytest.importorskip("triton")

@@ -13,6 +13,8 @@ from torch import nn
 import circtune
 from circtune import AdapterConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 IDS = torch.randint(3, 50, (2, 9), generator=torch.Generator().manual_seed(1))
 HEADS = {"roberta-seq-cls": ("classifier",), "llama-causal-lm": (), "bert-token-cls": ("classifier",)}
 TASK_TYPES = {"roberta-seq-cls": "SEQ_CLS", "llama-causal-lm": "CAUSAL_LM", "bert-token-cls": "TOKEN_CLS"}

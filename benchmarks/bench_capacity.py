@@ -33,12 +33,20 @@ by circtune's own profiler (``circtune.profile``) on this CPU with the reduced s
    energy-weighted share of the budget, the fastest assignment within ``--capacity-tolerance`` of the best capacity
    (``circtune.allocation.allocate`` + ``capacity_pick``).
 4. ``capacity-aware (free)``: the same without the balance windows (``--allocation free``).
-5. ``balanced, no calibration``: circtune's pick without calibration data: uniform energy (every layer within
+5. ``capacity-aware (c3a only)``: the balanced capacity-aware pick among C3A options alone (``--methods c3a``):
+   the allocation across layers without the choice of method.
+6. ``balanced, no calibration``: circtune's pick without calibration data: uniform energy (every layer within
    ½-2x the mean share) and data-free capacity fractions (``capacity_from_gradients(layers, None)``).
 
 The printed table gives, per allocation, the final loss at its best learning rate (the one with the lowest median
 over seeds): median and range over seeds, the parameters used (and how many sit in the planted layers), the loss
 left relative to the untrained student, and the captured capacity score. The CSV holds every run.
+
+``reports/capacity_teacher_student.csv`` holds two runs: circtune's default targets (query and value, budget 4096),
+then the values alone at the same budget per layer::
+
+    python benchmarks/bench_capacity.py --profile-out runs/bench-capacity
+    python benchmarks/bench_capacity.py --profile-out runs/bench-capacity --targets value --budget 2048 --append
 
 Threads: one by default. On a CPU shared with other jobs, two OpenMP threads ran a training step 15x slower than one
 (3.1 s against 0.2 s at a load of 12 on 2 cores: the threads wait for each other at every barrier).
@@ -247,19 +255,21 @@ def calibration_capacity(base: nn.Module, teacher: nn.Module, layers, seed: int)
 
 def capacity_allocations(layers, frame: pd.DataFrame, budget: int, min_fill: float, capacity,
                          tolerance: float) -> tuple[list[Allocation], list[str]]:
-    """circtune's capacity-aware picks (balanced, free) and the balance rule without calibration (uniform energy);
-    a rule that cannot meet the budget is a note."""
+    """circtune's capacity-aware picks (balanced, free, balanced with C3A alone) and the balance rule without
+    calibration (uniform energy); a rule that cannot meet the budget is a note."""
     from circtune.allocation import allocate, capacity_pick
     from circtune.capacity import capacity_from_gradients
     from circtune.options import BudgetError
     from circtune.problem import build_problem
 
     problem = build_problem(layers, frame, budget, min_fill, capacity=capacity)
+    c3a_only = build_problem(layers, frame, budget, min_fill, methods=("c3a",), capacity=capacity)
     no_data = capacity_from_gradients(layers, None)  # uniform energy and data-free fractions
     uniform = build_problem(layers, frame, budget, min_fill, capacity=no_data)
     out, notes = [], []
     for name, rule, prob, cap in (("capacity-aware", "balanced", problem, capacity),
                                   ("capacity-aware (free)", "free", problem, capacity),
+                                  ("capacity-aware (c3a only)", "balanced", c3a_only, capacity),
                                   ("balanced, no calibration", "balanced", uniform, no_data)):
         try:
             allocated = allocate(prob, cap, rule)  # the balance rule's problem holds fewer options per layer

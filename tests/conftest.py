@@ -19,8 +19,9 @@ def _threads():
 @pytest.fixture
 def one_thread():
     """One intra-op thread, for tests of tiny tensors (gradchecks, reference checks): on a busy 2-core machine two
-    threads make each small op 10-20x slower (a 60x60 layer's gradcheck: 12 s of CPU against 0.8). Not for tests
-    that measure: the thread count is part of the CPU's fingerprint. ``_threads`` restores the count afterwards."""
+    threads make each small op 10-20x slower (a 60x60 layer's gradcheck: 12 s of CPU against 0.8). The thread count
+    is part of the CPU's fingerprint, so not for a test whose runs meet runs made at another count (a child process
+    started without it, a module-scoped run folder). ``_threads`` restores the count afterwards."""
     torch.set_num_threads(1)
 
 

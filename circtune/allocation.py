@@ -8,9 +8,12 @@ knapsack machinery carries over.
 **Balance rule** (``allocation="balanced"``, the default): layer ``l`` may hold only options whose parameter count
 lies within ``[½, 2] × share_l``, where ``share_l = budget × energy_l`` is its importance-weighted share of the
 budget (uniform energy without calibration data: every layer gets the mean share). This is the cap PEFT's
-reallocators use (at most twice, at least half the mean rank). ``allocation="free"`` drops the windows. A budget
-the rule cannot meet (a layer's window holds no option, or the windows' options cannot total the budget window)
-is a :class:`~circtune.options.BudgetError` that names the rule, the layers, and the budgets that would meet it.
+reallocators use (at most twice, at least half the mean rank). A window that holds no option — a layer whose
+gradient energy is tiny (at random init attention's query layers get ~1e-5 of it) or huge, or whose options jump
+over its window — is widened to the nearest option below it and the nearest above it: a layer's adapter cannot be
+smaller than its smallest option, and refusing the budget for it would make the rule unusable on real gradients.
+``allocation="free"`` drops the windows. A budget the rule cannot meet (the windows' options cannot total the
+budget window) is a :class:`~circtune.options.BudgetError` that names the rule and the budgets that would meet it.
 
 **The front** (:func:`capacity_front`): every assignment within the parameter window that no other one beats on
 both predicted time (lower) and capacity (higher), computed exactly — not only the supported (convex-hull) points
@@ -73,14 +76,30 @@ def layer_energy(problem: Problem, capacity: Capacity | None) -> list[float]:
 
 
 def balance_windows(problem: Problem, capacity: Capacity | None) -> list[tuple[float, float]]:
-    """Per layer, the parameter window of the balance rule: ``[½, 2] × budget × energy_l``."""
-    return [(BALANCE[0] * problem.budget * e, BALANCE[1] * problem.budget * e)
-            for e in layer_energy(problem, capacity)]
+    """Per layer, the parameter window of the balance rule: ``[½, 2] × budget × energy_l``, widened to the nearest
+    option below and above where it holds none (:func:`fitting`)."""
+    out = []
+    for opts, e in zip(problem.options, layer_energy(problem, capacity), strict=True):
+        lo, hi = BALANCE[0] * problem.budget * e, BALANCE[1] * problem.budget * e
+        sizes = fitting(sorted({o.params for o in opts}), lo, hi)
+        out.append((lo, hi) if not sizes or lo <= sizes[0] and sizes[-1] <= hi else
+                   (float(min(lo, sizes[0])), float(max(hi, sizes[-1]))))
+    return out
+
+
+def fitting(sizes: Sequence[int], lo: float, hi: float) -> list[int]:
+    """The parameter counts among ``sizes`` (ascending) that a layer with window [lo, hi] may take: those inside
+    it, or, when none is, the nearest below ``lo`` and the nearest above ``hi`` (whichever exist)."""
+    inside = [w for w in sizes if lo <= w <= hi]
+    if inside:
+        return inside
+    below = [w for w in sizes if w < lo]
+    above = [w for w in sizes if w > hi]
+    return below[-1:] + above[:1]
 
 
 def restrict(problem: Problem, windows: Sequence[tuple[float, float]], allocation: str = "balanced") -> Problem:
-    """The problem with each layer's options cut to those whose parameter count lies in its window (a layer may
-    be left without options: :func:`allocate` checks that)."""
+    """The problem with each layer's options cut to those whose parameter count lies in its window."""
     if len(windows) != len(problem.layers):
         raise ValueError(f"{len(windows)} windows for {len(problem.layers)} layers")
     options = tuple(tuple(o for o in opts if lo <= o.params <= hi)
@@ -99,20 +118,14 @@ def allocate(problem: Problem, capacity: Capacity | None, allocation: str = "bal
         return problem
     windows = balance_windows(problem, capacity)
     restricted = restrict(problem, windows, allocation)
-    empty = [i for i, opts in enumerate(restricted.options) if not opts]
-    if not empty and _reaches_window(restricted):
+    if _reaches_window(restricted):
         return restricted
     by_energy = capacity is not None and capacity.source == "calibration"
     rule = (f"--allocation balanced (each layer within {BALANCE[0]:g}-{BALANCE[1]:g}x "
-            f"{'its share of the budget by gradient energy' if by_energy else 'the mean share of the budget'})")
-    if empty:
-        names = ", ".join(f"{problem.layers[i].name} ({_count(windows[i][0])}..{_count(windows[i][1])})"
-                          for i in empty[:3])
-        more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
-        why = f"no option of layer(s) {names}{more} has a parameter count in its window"
-    else:
-        why = (f"the windows' options cannot total {problem.lo:,}..{problem.hi:,} parameters "
-               f"(--min-fill {problem.min_fill:g})")
+            f"{'its share of the budget by gradient energy' if by_energy else 'the mean share of the budget'}, "
+            "or its nearest options)")
+    why = (f"the windows' options cannot total {problem.lo:,}..{problem.hi:,} parameters "
+           f"(--min-fill {problem.min_fill:g})")
     ranges = working_budgets(problem, layer_energy(problem, capacity))
     near = _nearest(ranges, problem.budget)
     spans = " or ".join(f"{a:,}..{b:,}" if a != b else f"{a:,}" for a, b in near)
@@ -153,17 +166,16 @@ def working_budgets(problem: Problem, energy: Sequence[float]) -> list[tuple[int
     consecutive ends of these intervals every layer's allowed options are fixed, and so is the set S of reachable
     totals; B then works when some s in S lies in ``[min_fill·B, B]``, i.e. B in ``[s, s/min_fill]``. Exact on each
     such segment (the ends of segments themselves are not tried on their own)."""
-    if any(not e > 0 for e in energy):
-        return []
     g = param_unit(problem)
     sizes = [sorted({o.params for o in opts}) for opts in problem.options]
-    # Below the first bound some layer's window lies under its smallest option, above the second over its largest.
-    first = max(ws[0] / (BALANCE[1] * e) for e, ws in zip(energy, sizes, strict=True))
-    last = min(ws[-1] / (BALANCE[0] * e) for e, ws in zip(energy, sizes, strict=True))
-    if first > last:
+    if not any(e > 0 for e in energy) or any(not ws for ws in sizes):
         return []
-    ends = sorted({x for e, ws in zip(energy, sizes, strict=True) for w in ws
-                   for x in (w / (BALANCE[1] * e), w / (BALANCE[0] * e)) if first <= x <= last} | {first, last})
+    # A layer without energy always takes its smallest option. Past the outer ends every window lies under its
+    # layer's smallest option (or over its largest): the allowed options no longer change, so one segment on each
+    # side stands for all budgets there.
+    ends = sorted({x for e, ws in zip(energy, sizes, strict=True) if e > 0 for w in ws
+                   for x in (w / (BALANCE[1] * e), w / (BALANCE[0] * e))})
+    ends = [ends[0] / 4, *ends, max(ends[-1] * 4, sum(ws[-1] for ws in sizes) / max(problem.min_fill, 1e-9) + 1)]
     # The segments nearest the budget asked for (the message names the nearest working ranges).
     nearest = sorted(range(len(ends) - 1), key=lambda n: abs(math.log(0.5 * (ends[n] + ends[n + 1])
                                                                     / problem.budget)))[:_MAX_SEGMENTS]
@@ -173,10 +185,8 @@ def working_budgets(problem: Problem, energy: Sequence[float]) -> list[tuple[int
     seen: dict[tuple, np.ndarray] = {}
     for a, b in points:
         m = 0.5 * (a + b)
-        allowed = tuple(tuple(w for w in ws if BALANCE[0] * m * e <= w <= BALANCE[1] * m * e)
+        allowed = tuple(tuple(fitting(ws, BALANCE[0] * m * e, BALANCE[1] * m * e))
                         for e, ws in zip(energy, sizes, strict=True))
-        if any(not ws for ws in allowed):
-            continue
         if allowed not in seen:
             bits = _reachable(allowed, g)
             raw = np.frombuffer(bits.to_bytes((bits.bit_length() + 7) // 8, "little"), dtype=np.uint8)

@@ -161,8 +161,8 @@ def test_balanced_allocation_caps_every_layer_at_twice_its_share():
 
 
 def test_a_budget_the_rule_cannot_meet_names_the_rule_layers_and_working_budgets():
-    # One layer holds 70 % of the energy: its window (35,000..140,000) holds no option (C3A tops out at 32,768).
-    # It fits p = 32 for budgets 23,406..93,622; the others (0.3/47 each) fit p = 1024 for 80,213..320,853, and
+    # One layer holds 70 % of the energy: its window (35,000..140,000) holds no option (C3A tops out at 32,768), so
+    # it is widened to the nearest one, p = 32; the others (0.3/47 each) fit p = 1024 for 80,213..320,853, and
     # 32,768 + 47 x 1,024 = 80,896 parameters fill 90 % of budgets up to 89,884.
     problem, capacity = _roberta_like(100_000, [0.7] + [0.3 / 47] * 47)
     with pytest.raises(BudgetError) as caught:
@@ -170,7 +170,7 @@ def test_a_budget_the_rule_cannot_meet_names_the_rule_layers_and_working_budgets
     message = str(caught.value)
     assert "\n" not in message and caught.value.option == "budget"
     assert "--allocation balanced" in message and "--allocation free" in message and "gradient energy" in message
-    assert "encoder.layer.0.query (35,000..140,000)" in message
+    assert "its nearest options" in message and "cannot total 90,000..100,000 parameters" in message
     assert "budgets 80,896..89,884 meet the rule" in message
     for budget, works in ((80_895, False), (80_896, True), (89_884, True), (89_885, False)):
         at = replace(problem, budget=budget)
@@ -183,6 +183,25 @@ def test_a_budget_the_rule_cannot_meet_names_the_rule_layers_and_working_budgets
     uniform, _ = _roberta_like(100_000)
     with pytest.raises(BudgetError, match=r"0.5-2x the mean share of the budget"):
         allocate(replace(uniform, budget=30_000, min_fill=0.0), None, "balanced")
+
+
+def test_a_window_without_options_takes_the_nearest_ones():
+    # At random init the query layers get ~1e-5 of the gradient energy: their windows (a few parameters) lie under
+    # every option, so they take their smallest one; the rest of the budget follows the other layers' energy.
+    energy = [1e-5 if i % 2 == 0 else 1.0 for i in range(48)]
+    energy = [e / sum(energy) for e in energy]
+    problem, capacity = _roberta_like(150_000, energy)
+    windows = balance_windows(problem, capacity)
+    assert windows[0] == (1024.0, 1024.0) or windows[0][0] <= 1024 <= windows[0][1]
+    restricted = allocate(problem, capacity, "balanced")
+    assert {o.params for o in restricted.options[0]} == {1024}  # the smallest option only
+    pick = capacity_pick(restricted, 0.05)
+    params = [o.params for o in pick.layer_options(restricted)]
+    assert all(p == 1024 for p in params[0::2]) and problem.feasible(pick.params)
+    share = problem.budget * energy[1]
+    assert all(0.5 * share <= p <= 2 * share for p in params[1::2])
+    assert allocation.fitting([8, 16, 64], 20, 40) == [16, 64]  # a window between two options: both neighbours
+    assert allocation.fitting([8, 16, 64], 100, 200) == [64] and allocation.fitting([8, 16], 0, 1) == [8]
 
 
 @pytest.mark.parametrize("seed", range(6))

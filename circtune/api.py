@@ -159,7 +159,8 @@ def _search(opts: SearchOptions) -> SearchResult:
         measured, "search", tokens=batch * seq_len, lora_budget=opts.budget, expected={"budget": opts.budget},
         more_checks=_search_checks(opts, batch, seq_len, calibrated), files=PROFILE_FILES + SEARCH_FILES,
         last_check=lambda identity, url: check_named_study(url, opts.study_name, identity, opts.budget,
-                                                           opts.min_fill))
+                                                           opts.min_fill),
+        folder_checked=lambda: calibrated["late"]())
     capacity = calibrated["capacity"]
     summary = run_search(opts, model=done.model, info=done.info, settings=done.settings, out=done.out,
                          storage=done.store_url, frame=done.frame, batch=batch, seq_len=seq_len, dtype=dtype,
@@ -282,20 +283,29 @@ def _search_checks(opts: SearchOptions, batch: int, seq_len: int, calibrated: di
                                      f"{str(e).splitlines()[0]}; pass --no-validate to search without whole-model "
                                      "steps") from None
         if opts.calibration:
-            import torch
+            # The gradients take seconds to minutes: they run once the output folder passed its checks
+            # (profiling.prepare's folder_checked), still before anything is measured or written.
+            def late() -> None:
+                import torch
 
-            from .calibration import calibration_gradients
+                from .calibration import calibration_gradients
 
-            gradients, notes = calibration_gradients(
-                opts.model, opts.calibration, [t.name for t in model.targets], batch_size=CALIBRATION_BATCH,
-                max_length=None, device=device, dtype=torch.float32, progress=opts.progress)
-            for note in notes:
-                print(f"note: calibration: {note}", file=sys.stderr)
-            calibrated["metadata"] = {"file": str(opts.calibration), "texts": len(texts), "notes": list(notes)}
+                gradients, notes = calibration_gradients(
+                    opts.model, opts.calibration, [t.name for t in model.targets], batch_size=CALIBRATION_BATCH,
+                    max_length=None, device=device, dtype=torch.float32, progress=opts.progress)
+                for note in notes:
+                    print(f"note: calibration: {note}", file=sys.stderr)
+                calibrated["metadata"] = {"file": str(opts.calibration), "texts": len(texts), "notes": list(notes)}
+                calibrated["capacity"] = capacity_from_gradients(model.targets, gradients)
+                _check_allocation(opts, model, by_shape, calibrated["capacity"])
         else:
-            gradients = None
-        calibrated["capacity"] = capacity_from_gradients(model.targets, gradients)
-        _check_allocation(opts, model, by_shape, calibrated["capacity"])
+            calibrated["capacity"] = capacity_from_gradients(model.targets, None)
+            _check_allocation(opts, model, by_shape, calibrated["capacity"])
+
+            def late() -> None:
+                return None
+
+        calibrated["late"] = late
         return {"budget": opts.budget, "min_fill": opts.min_fill, "objective": opts.objective, "methods": methods,
                 "backends": backends, "sampler": opts.sampler, "seed": opts.seed, "study_name": opts.study_name,
                 "top": opts.top, "validate": opts.validate, "batch_size": batch, "seq_len": seq_len,

@@ -112,11 +112,14 @@ class Profiled:
 
 def prepare(opts: ProfileOptions, command: str, *, tokens: int | None = None, lora_budget: int | None = None,
             expected: dict | None = None, more_checks: MoreChecks | None = None,
-            files: tuple[str, ...] = PROFILE_FILES, last_check: Callable[[dict, str], None] | None = None) -> Prepared:
+            files: tuple[str, ...] = PROFILE_FILES, last_check: Callable[[dict, str], None] | None = None,
+            folder_checked: Callable[[], None] | None = None) -> Prepared:
     """Resolve the model, space, device, settings, output folder and store from the options, running every check
     that needs no measurement first. ``tokens`` replaces the device's default token count; ``more_checks`` adds
     the caller's checks (a search's budget) and returns the caller's options for the identity; ``files`` are those
-    the run will write; ``last_check(identity, store_url)`` runs once the store is open (a search's study name).
+    the run will write; ``folder_checked()`` runs once the output folder passed its checks, before the store is
+    opened (a search's calibration gradients: seconds of work that a wrong folder should not wait for);
+    ``last_check(identity, store_url)`` runs once the store is open (a search's study name).
     Sets torch's thread count when ``opts.threads`` says so (the caller puts it back)."""
     from .measure.device import describe_device
     from .measure.profiler import ProfileSettings, plan_shapes
@@ -161,6 +164,8 @@ def prepare(opts: ProfileOptions, command: str, *, tokens: int | None = None, lo
     # Runs written before the manifest existed are judged from their files; then the manifest, file by file.
     check_output_folder(out, model.spec, force=opts.force, command=command, **(expected or {}))
     check_folder(out, files, subcommand=command, identity=identity, force=opts.force)
+    if folder_checked is not None:
+        folder_checked()
     store = MeasurementStore(opts.store or out / "circtune.db")
     if last_check is not None:
         try:

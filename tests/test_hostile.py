@@ -265,7 +265,7 @@ CASES = [
     (["profile", *RUN_PROFILE, "--store", "postgresql://admin:hunter2@127.0.0.1:1/db"],
      "postgresql://admin:***@127.0.0.1:1/db"),
     (["profile", *RUN_PROFILE, "--store", "sqlite:///{missing}/store.db"], "missing does not exist"),
-    (["search", *SEARCH, *MODEL, "--store", "sqlite:///{missing}/store.db", "--out", "{missing}/search"],
+    (["search", *SEARCH, *RUN_PROFILE, "--store", "sqlite:///{missing}/store.db", "--out", "{missing}/search"],
      "missing does not exist"),
     # Read-only: the tests run as root, and root writes through chmod 444 (file) and 555 (folder), so a mode bit
     # would prove nothing. SQLite's own read-only open (a URI with mode=ro) refuses every write, root or not: the
@@ -278,7 +278,7 @@ CASES = [
     # output folders: another model's run, another budget's
     (["profile", *OTHER_MODEL, *TIMING, "--out", "{search}"],
      "holds a run of another model 'tiny_models:two_shapes' (this run: 'tiny_models:TwoShapes')"),
-    (["search", *SEARCH, *OTHER_MODEL, *TIMING, "--out", "{out}"],
+    (["search", *SEARCH, *OTHER_MODEL, *TIMING, "--space", "{run}/space.toml", "--out", "{out}"],
      "holds a run of another model 'tiny_models:two_shapes' (this run: 'tiny_models:TwoShapes')"),
     (["search", *SEARCH[2:], "--budget", "880", *RUN_PROFILE, "--out", "{search}"],
      "holds a run of another budget 900 (this run: 880)"),
@@ -428,7 +428,7 @@ PREFLIGHT = [
      "argument --objective: invalid choice: 'speed' (choose from 'latency', 'memory', 'balanced'); see `circtune "
      "search --help`"),
     (["profile", "--tokens", "1e9"], "argument --tokens: invalid int value: '1e9'; see `circtune profile --help`"),
-    (["search", "--budget", "900", *MODEL, "--no-validate", "--out", "{in}/good.json"],
+    (["search", "--budget", "900", *MODEL, "--space", "{run}/space.toml", "--no-validate", "--out", "{in}/good.json"],
      "--out {in}/good.json is a file, not a folder"),
     (["profile", *MODEL, "--out", "{in}/good.json/sub"], "--out {in}/good.json/sub: {in}/good.json is a file"),
     # /proc cannot hold a new file, whoever runs the test (root writes through permission bits)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from circtune._io import write_csv_atomic
@@ -473,9 +474,16 @@ def test_committed_reports_still_render(folder):
     json.dumps(data, allow_nan=False)
     page = _text(render_html(data, plotlyjs="cdn"))
     assert "The answer" in page and "circtune.apply_adapter(model," in page
-    if data["verdict"]["validated"]:  # an older run: the added time is the difference of two unpaired medians
+    validation = pd.read_csv(folder / "validation.csv") if (folder / "validation.csv").is_file() else None
+    paired = validation is not None and "measured_overhead_ms" in validation.columns
+    if data["verdict"]["validated"] and not paired:  # an older run: the difference of two unpaired medians
         assert "not paired" in page and "LoRA r=" in page
-    assert data["front"] is None and "No front.csv in this folder" in page
+    if paired:  # a run with the paired validation: the verdict says so and compares with LoRA at the budget
+        assert "measured paired with the frozen model" in page and "LoRA r=" in page and "not paired" not in page
+    if (folder / "front.csv").is_file():
+        assert data["front"] is not None and "No front.csv in this folder" not in page
+    else:
+        assert data["front"] is None and "No front.csv in this folder" in page
 
 
 # --------------------------------------------------------------------------------------------------- real writers

@@ -18,6 +18,9 @@ from circtune.calibration import (
 )
 from circtune.errors import OptionError
 
+# Tiny tensors: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _refused(call, *needles):
     with pytest.raises(CalibrationError) as info:

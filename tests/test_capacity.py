@@ -19,6 +19,9 @@ from circtune.capacity import (
 from circtune.models import TargetLayer
 from circtune.space import Candidate
 
+# Tiny tensors: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # (d_out, d_in, p): non-square, block sizes that are not powers of two, one block, p = 1
 SHAPES = [(18, 12, 3), (18, 12, 6), (12, 18, 6), (12, 12, 12), (10, 15, 5), (8, 6, 1)]
 

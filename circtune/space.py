@@ -126,15 +126,22 @@ def uses_transform(backend: str) -> bool:
     return backend in available_backends() and get_backend(backend).uses_transform
 
 
-def _whole(v: Any) -> int | None:
-    """A key's integer field from any row form: None, NaN, "" and 0 are absent."""
+def finite_number(v: Any) -> float | None:
+    """A field read from any row form (CSV, SQL, JSON) as a finite float: None for missing, blank, non-numeric, NaN
+    and infinities."""
     if v is None or isinstance(v, str) and not v.strip():
         return None
     try:
         f = float(v)
     except (TypeError, ValueError):
         return None
-    return int(round(f)) if math.isfinite(f) and f != 0 else None
+    return f if math.isfinite(f) else None
+
+
+def _whole(v: Any) -> int | None:
+    """A key's integer field from any row form: None, NaN, "" and 0 are absent."""
+    f = finite_number(v)
+    return int(round(f)) if f else None
 
 
 def _text(v: Any) -> str | None:

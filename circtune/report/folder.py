@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..space import Candidate
+from ..space import Candidate, finite_number
 
 REQUIRED_FILES = ("adapter_config.json", "measurements.csv")
 # The columns the report reads from the optional tables that a search writes next to the config (older runs lack
@@ -114,13 +114,7 @@ def load_folder(path: str | Path) -> RunFolder:
 # --------------------------------------------------------------------------------------------------- helpers
 def num(v: Any) -> float | None:
     """A JSON-safe float: None for missing, NaN and infinities."""
-    if v is None or isinstance(v, str) and not v.strip():
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
+    return finite_number(v)
 
 
 def integer(v: Any) -> int | None:

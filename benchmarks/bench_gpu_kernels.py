@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from circtune.adapters import block_circulant_matrix, get_backend
-from circtune.measure.baselines import build_module, peft_available
+from circtune.measure.modules import build_module, peft_available
 from circtune.measure.timing import StepTiming, TimingSettings, time_step
 from circtune.space import DTYPES, Candidate
 

@@ -54,7 +54,7 @@ def build(path: str, base: nn.Linear, p: int) -> nn.Module:
     if path == "base":
         return base
     if path == "peft-c3a":
-        from circtune.measure.baselines import build_module
+        from circtune.measure.modules import build_module
         from circtune.space import Candidate
 
         return build_module(Candidate("peft-c3a", block_size=p), base)

@@ -186,7 +186,7 @@ def profile_to_folder(opts: ProfileOptions, command: str, **prepare_kw) -> Profi
 
     p = prepare(opts, command, **prepare_kw)
     model, info, settings, space, store, plans = p.model, p.info, p.settings, p.space, p.store, p.plans
-    n_cand = sum(len(s.candidates) + len(s.baselines) for s in plans) * len(settings.dtypes)
+    n_cand = sum(len(s.candidates) + len(s.references) for s in plans) * len(settings.dtypes)
     print(f"profiling {model.name}: {len(model.targets)} target layers, {len(plans)} unique shapes, "
           f"{n_cand} configurations (candidates + baselines) on {info.name}"
           f"{f' ({torch.get_num_threads()} threads)' if info.kind == 'cpu' else ''}; "

@@ -5,8 +5,9 @@ range, the CDVFT factor counts, the transforms, the backends and the training dt
 the valid :class:`Candidate` s for one layer shape on one device and records, as :class:`Exclusion` s, why
 everything else the file asked for was left out.
 
-Baselines are candidates too (method ``none``: the frozen base layer alone; ``lora`` with its rank in
-``factors``; ``peft-c3a``: PEFT's own C3A layer), so that one key and one measurement path cover every row.
+The references measured beside the adapters are candidates too (the methods of the ``reference`` role in
+:mod:`circtune.adapters.methods`: ``none``, the frozen base layer alone; ``lora`` with its rank in ``factors``;
+``peft-c3a``, PEFT's own C3A layer), so that one key and one measurement path cover every row.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from typing import Any
 
 import torch
 
-from .adapters import TRANSFORMS, c3a_num_params, cdvft_num_params, get_backend
+from .adapters import TRANSFORMS, get_backend
 from .adapters.config import METHODS, LayerConfig
+from .adapters.methods import Method, get_method
 
-BASELINES = ("none", "lora", "peft-c3a")
 KNOWN_BACKENDS = ("torch", "dense", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -38,10 +39,11 @@ class SpaceError(ValueError):
 
 @dataclass(frozen=True, order=True)
 class Candidate:
-    """One way to adapt a layer: an adapter configuration, or a baseline to measure beside them.
+    """One way to adapt a layer: an adapter configuration, or a reference to measure beside them.
 
     ``factors`` is CDVFT's m, LoRA's rank, and None otherwise; ``transform`` is None for backends that do not
-    use one (dense) and for baselines; ``block_size`` is None for ``none`` and ``lora``.
+    use one (dense) and for references; ``block_size`` is None for ``none`` and ``lora``. What each field means
+    for a method is the method registry's (:attr:`spec`).
     """
 
     method: str
@@ -51,25 +53,25 @@ class Candidate:
     backend: str | None = None
 
     @property
-    def is_baseline(self) -> bool:
-        return self.method in BASELINES
+    def spec(self) -> Method:
+        """The method's registry entry."""
+        return get_method(self.method)
+
+    @property
+    def is_reference(self) -> bool:
+        """Measured beside the adapters (the base layer, LoRA, PEFT's C3A), never written into a config."""
+        return not self.spec.is_adapter
 
     def params(self, d_in: int, d_out: int) -> int:
         """Trainable parameters this candidate adds to a ``d_in -> d_out`` layer."""
-        if self.method == "none":
-            return 0
-        if self.method == "lora":
-            return self.factors * (d_in + d_out)
-        if self.method in ("c3a", "peft-c3a"):
-            return c3a_num_params(d_in, d_out, self.block_size)
-        return cdvft_num_params(d_in, d_out, self.block_size, self.factors)
+        return self.spec.num_params(d_in, d_out, self.block_size, self.factors)
 
     # ---- the key in the forms it takes outside this class; every writer and reader goes through these
     def layer_config(self) -> LayerConfig:
         """The adapter-config entry for this candidate (adapter methods only). A backend without a transform gets
         LayerConfig's default one, which it ignores (:meth:`from_layer` drops it again)."""
-        if self.is_baseline:
-            raise ValueError(f"baseline {self.label} has no circtune adapter config")
+        if self.is_reference:
+            raise ValueError(f"the reference {self.label} has no circtune adapter config")
         return LayerConfig(self.method, self.block_size, self.factors, self.transform or "rfft", self.backend)
 
     @classmethod
@@ -79,7 +81,8 @@ class Candidate:
         get = (lambda k: getattr(layer, k, None)) if isinstance(layer, LayerConfig) else layer.get
         method = str(get("method"))
         backend = _text(get("backend")) or "torch"
-        factors = None if method == "c3a" else _whole(get("factors")) or 2
+        spec = _registered(method)
+        factors = (_whole(get("factors")) or spec.default_factors) if spec is None or spec.factors else None
         transform = (_text(get("transform")) or "rfft") if uses_transform(backend) else None
         return cls(method, _whole(get("block_size")), factors, transform, backend)
 
@@ -89,7 +92,8 @@ class Candidate:
         namedtuple (NaN), or a mapping read from measurements.csv."""
         get = row.get if isinstance(row, Mapping) else (lambda k: getattr(row, k, None))
         method = str(get("method"))
-        return cls(method, _whole(get("block_size")), None if method == "c3a" else _whole(get("factors")),
+        spec = _registered(method)
+        return cls(method, _whole(get("block_size")), _whole(get("factors")) if spec is None or spec.factors else None,
                    _text(get("transform")), _text(get("backend")))
 
     def store_values(self) -> dict[str, Any]:
@@ -105,17 +109,18 @@ class Candidate:
     @property
     def label(self) -> str:
         """Short human-readable name, e.g. ``c3a p=256 rfft/torch``, ``cdvft p=64 m=3 dense``, ``lora r=8``."""
-        if self.method == "none":
-            return "base layer"
-        if self.method == "lora":
-            return f"lora r={self.factors}"
-        if self.method == "peft-c3a":
-            return f"peft-c3a p={self.block_size}"
-        parts = [self.method, f"p={self.block_size}"]
-        if self.factors is not None:
-            parts.append(f"m={self.factors}")
-        parts.append(f"{self.transform}/{self.backend}" if self.transform else self.backend)
-        return " ".join(parts)
+        spec = _registered(self.method)
+        if spec is None:  # a row of a method this installation does not know (a newer circtune's file)
+            return " ".join(str(v) for v in (self.method, self.block_size and f"p={self.block_size}",
+                                             self.factors and f"factors={self.factors}", self.backend) if v)
+        return spec.label(self.block_size, self.factors, self.transform, self.backend)
+
+
+def _registered(method: str) -> Method | None:
+    try:
+        return get_method(method)
+    except ValueError:
+        return None
 
 
 def uses_transform(backend: str) -> bool:
@@ -331,7 +336,7 @@ def _block_size_universe(space: SearchSpace, d_in: int, d_out: int) -> list[int]
 def expand(space: SearchSpace, d_in: int, d_out: int,
            device: torch.device | str = "cpu") -> tuple[list[Candidate], list[Exclusion]]:
     """The adapter candidates of ``space`` that are valid for a ``d_in -> d_out`` layer on ``device``, and why
-    everything else was excluded. Baselines are not included (see :func:`baselines`)."""
+    everything else was excluded. References are not included (see :func:`references`)."""
     device = torch.device(device)
     gcd = math.gcd(d_in, d_out)
     excluded: list[Exclusion] = []
@@ -365,7 +370,7 @@ def expand(space: SearchSpace, d_in: int, d_out: int,
     candidates = []
     for method in space.methods:
         for p in sizes:
-            for m in space.factors if method == "cdvft" else (None,):
+            for m in space.factors if get_method(method).factors else (None,):
                 for backend in (b for b in backends if covered[b.name, p]):
                     transforms = space.transforms if backend.uses_transform else (None,)
                     candidates += [Candidate(method, p, m, t, backend.name) for t in transforms]
@@ -388,8 +393,8 @@ def lora_rank_for_budget(budget: int, shapes: Sequence[tuple[int, int]]) -> int:
     return max(1, budget // sum(d_in + d_out for d_in, d_out in shapes))
 
 
-def baselines(candidates: Sequence[Candidate], d_in: int, d_out: int, *, peft: bool,
-              lora_ranks: Sequence[int] = ()) -> list[Candidate]:
+def references(candidates: Sequence[Candidate], d_in: int, d_out: int, *, peft: bool,
+               lora_ranks: Sequence[int] = ()) -> list[Candidate]:
     """What every run measures beside the candidates of one shape: the base layer, LoRA at the rank closest to
     each candidate's parameter count (plus ``lora_ranks``), and PEFT's C3A at each C3A block size."""
     bad = [r for r in lora_ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]

@@ -18,7 +18,7 @@ number of modules before their forward, so that cost cancels too. The ``no adapt
 with itself: its added time is the noise floor of the measurement.
 
 Candidates are applied with :func:`circtune.apply_adapter` (what a training script does); baselines replace the
-target ``nn.Linear`` s with LoRA / PEFT C3A layers (:mod:`circtune.measure.baselines`). After each plan the
+target ``nn.Linear`` s with LoRA / PEFT C3A layers (:mod:`circtune.measure.modules`). After each plan the
 original ``nn.Linear`` s are put back, so every assignment runs on the same weights.
 
 Everything runs under ``torch.cuda.device`` of the model's device (see :mod:`circtune.measure.profiler`). A plan
@@ -38,8 +38,8 @@ from torch import nn
 from .adapters.config import AdapterConfig
 from .adapters.inject import _set_submodule, apply_adapter
 from .measure import profiler
-from .measure.baselines import build_module
 from .measure.memory import peak_step_memory
+from .measure.modules import build_module
 from .measure.profiler import NonFiniteError, device_scope, failure_status, is_sticky_cuda_error
 from .measure.timing import Spread, TimingSettings, paired_step_samples
 from .space import Candidate

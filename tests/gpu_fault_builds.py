@@ -14,7 +14,7 @@ def sticky_build(candidate, base):
     process raises it again (the profiler's release_memory stands in for torch.cuda.empty_cache, which the CPU
     does not call)."""
     from circtune.measure import profiler
-    from circtune.measure.baselines import build_module
+    from circtune.measure.modules import build_module
 
     if candidate.method == "c3a" and candidate.block_size == 16 and candidate.backend == "dense":
         profiler.release_memory = _raise_again
@@ -27,7 +27,7 @@ def device_assert_build(candidate, base):
     device. Only for --isolate children on a GPU: it breaks the CUDA context of the process it runs in."""
     import torch
 
-    from circtune.measure.baselines import build_module
+    from circtune.measure.modules import build_module
 
     if candidate.method == "c3a" and candidate.block_size == 16 and candidate.backend == "dense":
         device = base.weight.device

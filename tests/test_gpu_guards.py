@@ -63,7 +63,7 @@ def test_a_broken_context_stops_the_run_with_one_line_and_isolate_carries_on(tmp
     statuses = {m.key.candidate.label: m.status for m in rows}
     assert statuses["c3a p=16 dense"] == STICKY
     assert all(s == "ok" for label, s in statuses.items() if label != "c3a p=16 dense")
-    assert len(rows) < sum(len(p.candidates) + len(p.baselines) for p in plans)  # stopped: the rest not run
+    assert len(rows) < sum(len(p.candidates) + len(p.references) for p in plans)  # stopped: the rest not run
 
     with pytest.raises(ContextBroken):  # this process stays broken: a later run refuses at once
         run()

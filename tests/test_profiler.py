@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from circtune.measure.baselines import build_module
 from circtune.measure.device import describe_device
 from circtune.measure.memory import LiveTensorTracker, peak_step_memory
+from circtune.measure.modules import build_module
 from circtune.measure.profiler import ProfileSettings, jobs_for, plan_shapes, run_profile
 from circtune.measure.store import MeasurementStore, to_frame
 from circtune.measure.timing import Spread, TimingSettings, time_step
@@ -154,7 +154,7 @@ def test_half_precision_baselines_train_with_float32_adapters(setup, dtype):
     result = run_profile(plan, settings, store, info, progress=False)
     assert not result.failed, [(m.key.candidate.label, m.status) for m in result.failed]
     base = nn.Linear(64, 64, dtype=torch.float16)
-    for candidate in plan[0].baselines[1:]:
+    for candidate in plan[0].references[1:]:
         layer = build_module(candidate, base)
         assert {p.dtype for p in layer.parameters() if p.requires_grad} == {torch.float32}, candidate
 

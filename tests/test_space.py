@@ -4,16 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from circtune.measure.baselines import build_module
+from circtune.measure.modules import build_module
 from circtune.space import (
     Candidate,
     SpaceError,
-    baselines,
     builtin_spaces,
     expand,
     load_space,
     lora_rank_for,
     parse_space,
+    references,
     resolve_dtype,
 )
 
@@ -119,7 +119,7 @@ def test_candidate_params_match_the_built_layers(d_in, d_out):
     space = parse_space({"block_sizes": {"min": 3, "max": 96}, "factors": [2, 3], "backends": ["torch", "dense"]})
     candidates, _ = expand(space, d_in, d_out)
     assert candidates
-    for c in [*candidates, *baselines(candidates, d_in, d_out, peft=True)]:
+    for c in [*candidates, *references(candidates, d_in, d_out, peft=True)]:
         layer = build_module(c, nn.Linear(d_in, d_out))
         trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
         assert trainable == c.params(d_in, d_out), c
@@ -127,7 +127,7 @@ def test_candidate_params_match_the_built_layers(d_in, d_out):
 
 def test_baselines_cover_every_candidate_with_the_closest_lora_rank():
     candidates, _ = expand(load_space(), 1024, 1024)
-    extra = baselines(candidates, 1024, 1024, peft=True, lora_ranks=[8])
+    extra = references(candidates, 1024, 1024, peft=True, lora_ranks=[8])
     assert extra[0] == Candidate("none")
     ranks = {c.factors for c in extra if c.method == "lora"}
     assert 8 in ranks
@@ -137,7 +137,7 @@ def test_baselines_cover_every_candidate_with_the_closest_lora_rank():
         # closest: neither neighbour is nearer
         assert abs(r * 2048 - c.params(1024, 1024)) <= abs((r + 1) * 2048 - c.params(1024, 1024))
     assert sorted(c.block_size for c in extra if c.method == "peft-c3a") == [32, 64, 128, 256, 512, 1024]
-    assert not any(c.method == "peft-c3a" for c in baselines(candidates, 1024, 1024, peft=False))
+    assert not any(c.method == "peft-c3a" for c in references(candidates, 1024, 1024, peft=False))
 
 
 def test_candidate_labels_and_configs():
@@ -146,7 +146,7 @@ def test_candidate_labels_and_configs():
     assert Candidate("lora", factors=8).label == "lora r=8"
     lc = Candidate("cdvft", 64, 3, None, "dense").layer_config()
     assert (lc.method, lc.block_size, lc.factors, lc.transform, lc.backend) == ("cdvft", 64, 3, "rfft", "dense")
-    with pytest.raises(ValueError, match="baseline lora r=8 has no circtune adapter config"):
+    with pytest.raises(ValueError, match="the reference lora r=8 has no circtune adapter config"):
         Candidate("lora", factors=8).layer_config()
 
 
@@ -162,7 +162,7 @@ def test_the_candidate_key_round_trips_through_every_form(candidate):
     frame = pd.DataFrame([candidate.frame_values()])  # NaN for the absent numbers, as measurements.csv reads back
     assert Candidate.from_row(next(frame.itertuples())) == candidate
     assert Candidate.from_row(frame.iloc[0].to_dict()) == candidate
-    if not candidate.is_baseline:
+    if not candidate.is_reference:
         layer = candidate.layer_config()
         assert Candidate.from_layer(layer) == candidate
         assert Candidate.from_layer(layer.to_dict()) == candidate  # the adapter_config.json entry

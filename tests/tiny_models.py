@@ -21,7 +21,7 @@ def crashing_build(candidate, base):
     """A module-level (picklable) builder for --isolate tests: kills its process on one candidate."""
     import os
 
-    from circtune.measure.baselines import build_module
+    from circtune.measure.modules import build_module
 
     if candidate.method == "c3a" and candidate.block_size == 16 and candidate.backend == "dense":
         os._exit(3)  # as a segfault or a poisoned CUDA context would end the process
@@ -50,7 +50,7 @@ def poisoning_build(candidate, base):
     """A module-level (picklable) builder for --isolate tests: on one candidate it leaves its process broken without
     ending it, as a sticky CUDA error (an illegal address) leaves a context: that candidate and every later one built
     in the same process raise. Use it only in child processes (the flag stays set in the process)."""
-    from circtune.measure.baselines import build_module
+    from circtune.measure.modules import build_module
 
     if candidate.method == "c3a" and candidate.block_size == 16 and candidate.backend == "dense":
         _POISONED.append(candidate.label)

@@ -20,9 +20,10 @@ from typing import Any
 from ._backends import available_backends
 from ._circulant import TRANSFORMS
 from .c3a import C3A_INITS
+from .methods import get_method, method_names
 
 FORMAT = "circtune.adapter/1"
-METHODS = ("c3a", "cdvft")
+METHODS = method_names("adapter")
 _LAYER_KEYS = ("method", "block_size", "factors", "transform", "backend", "alpha", "init")
 _EXAMPLE = (f'{{"format": "{FORMAT}", "base_model": "...", '
             '"layers": {"<module name>": {"method": "c3a", "block_size": 64}}}')
@@ -49,7 +50,7 @@ class AdapterConfigError(ValueError):
 class LayerConfig:
     """One target layer's adapter."""
 
-    method: str  # "c3a" or "cdvft"
+    method: str  # an adapter method of circtune.adapters.methods: "c3a" or "cdvft"
     block_size: int  # p: divides both d_in and d_out of the layer
     factors: int | None = None  # cdvft: number of diagonal factors m >= 2; c3a: None
     transform: str = "rfft"  # "rfft", "fft" or "dft" (ignored by the dense backend)
@@ -59,10 +60,10 @@ class LayerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if self.method == "c3a":
-            del d["alpha"]
-        else:
-            del d["init"]
+        options = get_method(self.method).options
+        for key in ("alpha", "init"):
+            if key not in options:
+                del d[key]  # another method's option
         return d
 
 
@@ -87,11 +88,14 @@ def _layer_problems(key: str, raw: Any) -> list[str]:
     if not _is_int(p) or p < 1:
         problems.append(f"{key}.block_size: {_short(p)} is not a positive integer")
     m = raw.get("factors")
-    if method == "cdvft" and m is not None and (not _is_int(m) or m < 2):
-        problems.append(f"{key}.factors: {_short(m)} is not valid for cdvft; accepted: an integer >= 2")
-    if method == "c3a" and m not in (None, 1):
-        problems.append(f"{key}.factors: {_short(m)} is not valid for c3a; accepted: null (c3a has one circulant "
-                        "factor)")
+    if method in METHODS:
+        spec = get_method(method)
+        if spec.factors and m is not None and (not _is_int(m) or m < spec.min_factors):
+            problems.append(f"{key}.factors: {_short(m)} is not valid for {method}; accepted: an integer >= "
+                            f"{spec.min_factors}")
+        if not spec.factors and m not in (None, 1):
+            problems.append(f"{key}.factors: {_short(m)} is not valid for {method}; accepted: null ({method} has one "
+                            "circulant factor)")
     if raw.get("transform", "rfft") not in TRANSFORMS:
         problems.append(f"{key}.transform: {_short(raw.get('transform'))} is not a transform; accepted: "
                         f"{', '.join(TRANSFORMS)}")
@@ -135,10 +139,8 @@ class AdapterConfig:
             problems += layer_problems
             if not layer_problems:
                 kw = {k: raw[k] for k in _LAYER_KEYS if k in raw}
-                if kw["method"] == "cdvft" and kw.get("factors") is None:
-                    kw["factors"] = 2
-                if kw["method"] == "c3a":
-                    kw["factors"] = None
+                spec = get_method(kw["method"])
+                kw["factors"] = (kw.get("factors") or spec.default_factors) if spec.factors else None
                 layers[name] = LayerConfig(**kw)
         if problems:
             raise AdapterConfigError(source, problems)

@@ -21,9 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._layer import CirculantLinear
-from .c3a import C3ALinear
-from .cdvft import CDVFTLinear
 from .config import AdapterConfig, AdapterConfigError, LayerConfig, load_config, problems_message
+from .methods import get_method, method_names
 from .task import default_heads, resolve_prefix
 
 WEIGHTS_FORMAT = "circtune.adapter-weights/1"
@@ -40,18 +39,18 @@ log = logging.getLogger("circtune")
 
 def build_layer(base: nn.Linear, lc: LayerConfig) -> CirculantLinear:
     """The adapter layer that ``lc`` describes, wrapped around ``base``."""
-    if lc.method == "c3a":
-        return C3ALinear(base, lc.block_size, transform=lc.transform, backend=lc.backend, init=lc.init)
-    return CDVFTLinear(base, lc.block_size, lc.factors or 2, alpha=lc.alpha, transform=lc.transform,
-                       backend=lc.backend)
+    method = get_method(lc.method)
+    return method.build(base, block_size=lc.block_size, factors=lc.factors, transform=lc.transform,
+                        backend=lc.backend, **{k: getattr(lc, k) for k in method.options})
 
 
 def layer_config(layer: CirculantLinear) -> LayerConfig:
     """The config entry that rebuilds ``layer``."""
-    if isinstance(layer, CDVFTLinear):
-        return LayerConfig("cdvft", layer.block_size, layer.factors, layer.transform, layer.backend, alpha=layer.alpha)
-    assert isinstance(layer, C3ALinear), type(layer)
-    return LayerConfig("c3a", layer.block_size, None, layer.transform, layer.backend, init=layer.init)
+    method = next((m for m in map(get_method, method_names("adapter")) if isinstance(layer, m.layer_class)), None)
+    if method is None:
+        raise TypeError(f"{type(layer).__name__} is not the layer of a registered adapter method")
+    return LayerConfig(method.name, layer.block_size, layer.factors if method.factors else None, layer.transform,
+                       layer.backend, **{k: getattr(layer, k) for k in method.options})
 
 
 def adapter_layers(model: nn.Module) -> dict[str, CirculantLinear]:

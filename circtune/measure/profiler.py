@@ -1,6 +1,6 @@
 """The profiler: measure every candidate of a model's target shapes on one device, and keep the numbers.
 
-For each unique target shape, the plan holds the space's valid candidates and the baselines (base layer, LoRA at
+For each unique target shape, the plan holds the space's valid candidates and the references (base layer, LoRA at
 the closest rank, PEFT's C3A). Each one is measured on a fresh layer of that shape (random weights, the base
 frozen, x of ``[tokens, d_in]`` requiring grad, a fixed upstream gradient, AdamW over the trainable parameters):
 
@@ -37,10 +37,10 @@ from torch import nn
 
 from .._signals import check_interrupted, deferred_interrupts, note_kept
 from ..models import ModelInfo
-from ..space import DTYPES, Candidate, Exclusion, SearchSpace, baselines, expand
-from .baselines import build_module, peft_available
+from ..space import DTYPES, Candidate, Exclusion, SearchSpace, expand, references
 from .flops import count_flops
 from .memory import peak_step_memory
+from .modules import build_module, peft_available
 from .store import Measurement, MeasurementKey, MeasurementStore, this_worker
 from .timing import TimingSettings, run_step, time_step
 from .verify import WrongResultError, check_against_reference
@@ -52,7 +52,7 @@ class ShapePlan:
     d_out: int
     layers: int  # target layers with this shape
     candidates: tuple[Candidate, ...]
-    baselines: tuple[Candidate, ...]
+    references: tuple[Candidate, ...]
     excluded: tuple[Exclusion, ...]
 
     @property
@@ -92,19 +92,19 @@ class ProfileResult:
 
 def plan_shapes(model: ModelInfo, space: SearchSpace, device: torch.device | str, *, peft: bool | None = None,
                 lora_ranks: Sequence[int] = ()) -> list[ShapePlan]:
-    """Candidates, baselines and exclusions for every unique target shape of ``model``."""
+    """Candidates, references and exclusions for every unique target shape of ``model``."""
     peft = peft_available() if peft is None else peft
     plans = []
     for (d_in, d_out), count in model.shapes.items():
         candidates, excluded = expand(space, d_in, d_out, device)
-        extra = baselines(candidates, d_in, d_out, peft=peft, lora_ranks=lora_ranks)
+        extra = references(candidates, d_in, d_out, peft=peft, lora_ranks=lora_ranks)
         plans.append(ShapePlan(d_in, d_out, count, tuple(candidates), tuple(extra), tuple(excluded)))
     return plans
 
 
 def jobs_for(plans: Iterable[ShapePlan], dtypes: Iterable[str]) -> list[Job]:
     """Every measurement of the plan; each shape's base layer first (the reference of its other rows)."""
-    return [Job(p.d_in, p.d_out, dtype, c) for dtype in dtypes for p in plans for c in (*p.baselines, *p.candidates)]
+    return [Job(p.d_in, p.d_out, dtype, c) for dtype in dtypes for p in plans for c in (*p.references, *p.candidates)]
 
 
 class NonFiniteError(RuntimeError):

@@ -1,8 +1,6 @@
-"""Build the module a :class:`~circtune.space.Candidate` describes around a frozen ``nn.Linear``.
-
-Adapter candidates become circtune's own layers (:func:`circtune.adapters.inject.build_layer`); the baselines are
-the base layer itself (``none``), :class:`LoRALinear` (``lora``) and PEFT's ``C3ALinear`` (``peft-c3a``, only
-when PEFT is installed).
+"""The layers circtune measures beside its adapters, as references: LoRA (its own small module, PEFT's computation)
+and PEFT's own C3A layer (only when PEFT is installed). Registered as methods of the ``reference`` role in
+:mod:`circtune.adapters.methods`; they never appear in an adapter config.
 """
 
 from __future__ import annotations
@@ -12,9 +10,6 @@ import math
 
 import torch
 from torch import nn
-
-from ..adapters.inject import build_layer
-from ..space import Candidate
 
 
 def peft_available() -> bool:
@@ -46,23 +41,15 @@ class LoRALinear(nn.Module):
         return self.base_layer(x) + delta.to(x.dtype)
 
 
-def build_module(candidate: Candidate, base: nn.Linear) -> nn.Module:
-    """The layer to measure for ``candidate``; ``base`` is frozen here and wrapped, not copied."""
-    base.requires_grad_(False)
-    if candidate.method == "none":
-        return base
-    if candidate.method == "lora":
-        return LoRALinear(base, candidate.factors)
-    if candidate.method == "peft-c3a":
-        if not peft_available():
-            raise RuntimeError("peft-c3a baseline needs PEFT: pip install 'circtune[peft]'")
-        from peft import C3AConfig
-        from peft.tuners.c3a.layer import C3ALinear as PeftC3ALinear
-        from peft.tuners.tuners_utils import cast_adapter_dtype
+def peft_c3a_layer(base: nn.Linear, block_size: int) -> nn.Module:
+    """PEFT's ``C3ALinear`` around ``base`` (frozen), its kernel float32 as ``get_peft_model`` leaves it."""
+    if not peft_available():
+        raise RuntimeError("the peft-c3a reference needs PEFT: pip install 'circtune[peft]'")
+    from peft import C3AConfig
+    from peft.tuners.c3a.layer import C3ALinear as PeftC3ALinear
+    from peft.tuners.tuners_utils import cast_adapter_dtype
 
-        p = candidate.block_size
-        layer = PeftC3ALinear(base, "default", C3AConfig(block_size=p, init_weights="gaussian"), p)
-        cast_adapter_dtype(layer, "default")  # float32 kernel, as get_peft_model leaves it
-        base.requires_grad_(False)
-        return layer
-    return build_layer(base, candidate.layer_config())
+    layer = PeftC3ALinear(base, "default", C3AConfig(block_size=block_size, init_weights="gaussian"), block_size)
+    cast_adapter_dtype(layer, "default")
+    base.requires_grad_(False)
+    return layer

@@ -21,10 +21,11 @@ The sets, by method:
   of block p; α and scales are absorbed). Not a linear set, so it is fitted by least squares, deterministically
   (seeded), in float32 on G scaled to unit RMS, on the CPU:
 
-  - m = 2 by alternating least squares (:func:`_als_cdvft2`): each of D_2, D_1, C_1 in turn has a closed-form
-    least-squares update given the others, so the fit never gets worse; it starts at the C3A projection with D = 1
-    and stops when a sweep gains less than ``1e-4·‖G‖²`` or after 15 sweeps.
-  - m ≥ 3 (:func:`_refine_cdvft`) starts from the (m − 1) fit with the new factors at the identity (slightly
+  - m = 2 by alternating least squares (``als_cdvft2`` in :mod:`circtune._capacity_fit`, which holds the fits'
+    numerics): each of D_2, D_1, C_1 in turn has a closed-form least-squares update given the others, so the fit
+    never gets worse; it starts at the C3A projection with D = 1 and stops when a sweep gains less than
+    ``1e-4·‖G‖²`` or after 15 sweeps.
+  - m ≥ 3 (``refine_cdvft``) starts from the (m − 1) fit with the new factors at the identity (slightly
     perturbed, seeded, to leave that saddle) and takes :data:`CDVFT_STEPS` Adam steps on all factors (the circulant
     products through the real FFT), keeping the best iterate. Each m captures at least what m − 1 does.
   - Cost cap: fits run on strided sub-blocks of G (every k-th block row and column, same p): the fraction is
@@ -59,17 +60,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._capacity_fit import FIT_SEED, als_cdvft2, diagonal_sums, refine_cdvft
+from .adapters.methods import get_method, method_names
 from .models import TargetLayer
 from .space import Candidate
 
-# ALS for CDVFT m = 2: stop when a sweep gains less than this share of ‖G‖², or after this many sweeps.
-_ALS_TOL = 1e-4
+# ALS for CDVFT m = 2: at most this many sweeps; Adam refinement for m >= 3: this many steps per extra factor pair.
 _ALS_SWEEPS = 15
-# Adam refinement for CDVFT m >= 3 (per extra factor pair): steps, learning rate (relative to each factor's
-# size, see _refine_cdvft) and the seed of the perturbation that moves the new factors off the identity.
 CDVFT_STEPS = 25
-_ADAM_LR = 3e-3
-_FIT_SEED = 0
 # CDVFT fits run on a strided sub-block of G (every k-th block row and column, same p) of at most this many
 # entries (never less than one p x p block); on a block larger than the cap, the Adam steps (and, past
 # _ALS_ENTRIES, the ALS sweeps) shrink in proportion to its size (at least 5 and 4). See _GradientFractions._cdvft.
@@ -84,170 +82,32 @@ _PROXY_ENTRIES = 256 * 256
 _MIN_SAMPLE_ENTRIES = 1 << 14
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The block-circulant projection
-
-
-def diagonal_sums(g: torch.Tensor, p: int) -> torch.Tensor:
-    """``out[i, j, s] = Σ_u G_block(i, j)[u, (u + s) mod p]``: the sums along each p × p block's circulant
-    diagonals, ``[q_out, q_in, p]`` (the C3A kernel gradient's sums). By strides, not by an index tensor: the block
-    rows are repeated once (``[.., 2p]``) so that the entry ``(u, u + s)`` sits at offset ``u·(row + 1) + s``."""
-    d_out, d_in = g.shape
-    q_out, q_in = d_out // p, d_in // p
-    twice = torch.cat([g.reshape(q_out, p, q_in, p)] * 2, dim=3).contiguous()  # [q_out, p(u), q_in, 2p]
-    row = q_in * 2 * p
-    view = twice.as_strided((q_out, q_in, p, p), (p * row, 2 * p, row + 1, 1))  # [i, j, u, s]
-    return view.sum(dim=2)
-
-
-def block_circulant(w: torch.Tensor) -> torch.Tensor:
-    """Dense ``[q_out·p, q_in·p]`` matrix of kernel ``w[q_out, q_in, p]`` (circtune's orientation)."""
-    q_out, q_in, p = w.shape
-    u = torch.arange(p, device=w.device)
-    idx = (u.view(1, p) - u.view(p, 1)) % p  # [u, t] -> (t - u) mod p
-    return w[:, :, idx].permute(0, 2, 1, 3).reshape(q_out * p, q_in * p)
-
-
-class _BlockCirculant(torch.autograd.Function):
-    """:func:`block_circulant` whose backward is :func:`diagonal_sums` (an advanced-index backward accumulates
-    element by element: several times slower on the CPU)."""
-
-    @staticmethod
-    def forward(ctx, w: torch.Tensor) -> torch.Tensor:
-        ctx.p = w.shape[2]
-        return block_circulant(w)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return diagonal_sums(grad, ctx.p)
-
-
-def block_circulant_projection(g: torch.Tensor, p: int) -> torch.Tensor:
-    """``P_p(G)``: the nearest block-circulant matrix (each block's circulant diagonals replaced by their means)."""
-    return block_circulant(diagonal_sums(g, p) / p)
-
-
 def _name(candidate: Candidate) -> str:
     """The candidate's set, for messages (its label needs a backend, which a set does not have)."""
-    parts = [candidate.method]
-    if candidate.block_size is not None:
-        parts.append(f"p={candidate.block_size}")
-    if candidate.factors is not None:
-        parts.append(f"{'r' if candidate.method == 'lora' else 'm'}={candidate.factors}")
-    return " ".join(parts)
+    return candidate.spec.label(candidate.block_size, candidate.factors)
+
+
+def _expresses(candidate: Candidate) -> str:
+    """The set of updates the candidate's method makes (the registry's ``expresses``): each has its rule here."""
+    try:
+        return candidate.spec.expresses
+    except ValueError:
+        raise ValueError(f"no capacity rule for method {candidate.method!r}; known: "
+                         f"{', '.join(method_names())}") from None
+
+
+def _factors(candidate: Candidate) -> int:
+    spec, f = candidate.spec, candidate.factors
+    if not isinstance(f, int) or f < spec.min_factors:
+        raise ValueError(f"{_name(candidate)}: {spec.title} needs {spec.factors} >= {spec.min_factors} in factors, "
+                         f"got {f!r}")
+    return f
 
 
 def _check_block(d_out: int, d_in: int, p: int | None, what: str) -> int:
     if not isinstance(p, int) or p < 1 or d_out % p or d_in % p:
         raise ValueError(f"{what}: block size {p!r} does not divide the layer's shape (d_out={d_out}, d_in={d_in})")
     return p
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CDVFT: fitting D_m C_{m-1} ... C_1 D_1 to G
-
-
-def _safe(den: torch.Tensor) -> torch.Tensor:
-    # a denominator to divide by where it is > 0 (torch.where evaluates both branches)
-    return den.clamp_min(torch.finfo(den.dtype).tiny)
-
-
-def _als_cdvft2(g: torch.Tensor, p: int) -> tuple[list[torch.Tensor], float]:
-    """Alternating least squares for ``D_2 C D_1``; returns ([d1, w, d2], captured energy of ``g``)."""
-    d_out, d_in = g.shape
-    q_out, q_in = d_out // p, d_in // p
-    gb = g.reshape(q_out, p, q_in, p)
-    total = float(gb.square().sum(dtype=torch.float64))
-    d1 = torch.ones(d_in, dtype=g.dtype)
-    d2 = torch.ones(d_out, dtype=g.dtype)
-    w = diagonal_sums(g, p) / p  # the optimum at D = 1: C3A's projection
-    captured = float(w.square().sum(dtype=torch.float64)) * p
-    for _ in range(max(4, min(_ALS_SWEEPS, _ALS_SWEEPS * _ALS_ENTRIES // g.numel()))):
-        dense = block_circulant(w).reshape(q_out, p, q_in, p)
-        # D_2 given C, D_1: row a of ΔW is d2[a]·M[a, :], with M = C D_1.
-        m = dense * d1.view(1, 1, q_in, p)
-        num, den = (gb * m).sum(dim=(2, 3)), m.square().sum(dim=(2, 3))
-        d2 = torch.where(den > 0, num / _safe(den), 0.0).reshape(d_out)
-        # D_1 given C, D_2: column b is d1[b]·M[:, b], with M = D_2 C.
-        m = dense * d2.view(q_out, p, 1, 1)
-        num, den = (gb * m).sum(dim=(0, 1)), m.square().sum(dim=(0, 1))
-        d1 = torch.where(den > 0, num / _safe(den), 0.0).reshape(d_in)
-        # C given D_1, D_2: each kernel entry is a weighted least-squares mean along its diagonal.
-        scale = d2.view(q_out, p, 1, 1) * d1.view(1, 1, q_in, p)
-        num = diagonal_sums((gb * scale).reshape(d_out, d_in), p)
-        den = diagonal_sums(scale.square().reshape(d_out, d_in), p)
-        w = torch.where(den > 0, num / _safe(den), 0.0)
-        # After the C update, ΔW is G's projection on the span of those entries: captured = Σ num²/den.
-        new = float(torch.where(den > 0, num.square() / _safe(den), 0.0).sum(dtype=torch.float64))
-        gain, captured = new - captured, max(captured, new)
-        if gain < _ALS_TOL * total:
-            break
-    return [d1, w, d2], captured
-
-
-def _apply_block_circulant(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``C(w) @ x`` for ``x`` of shape ``[q_in·p, n]`` through the real FFT (differentiable): O(d·n·(q + log p))
-    instead of a dense GEMM. ``y_i[u] = Σ_j Σ_s w[i, j, s] x_j[(u + s) mod p]`` is a circular cross-correlation,
-    ``Y = conj(W)·X`` per frequency. The complex mixing runs as one real bmm against ``[[a, −b], [b, a]]`` (a + ib
-    = conj W): torch's complex bmm, and its backward on conjugate views, take a slow path on the CPU (measured
-    100x slower at d = 1024, p = 32)."""
-    q_out, q_in, p = w.shape
-    n = x.shape[1]
-    f = p // 2 + 1
-    xf = torch.view_as_real(torch.fft.rfft(x.reshape(q_in, p, n), dim=1))  # [q_in, f, n, 2]
-    xs = xf.permute(1, 3, 0, 2).reshape(f, 2 * q_in, n)  # [f, (re, im) x q_in, n]
-    wf = torch.view_as_real(torch.fft.rfft(w, dim=2)).permute(2, 0, 1, 3)  # [f, q_out, q_in, 2]
-    a, b = wf[..., 0], -wf[..., 1]
-    mix = torch.cat([torch.cat([a, -b], dim=2), torch.cat([b, a], dim=2)], dim=1)  # [f, 2 q_out, 2 q_in]
-    ys = torch.bmm(mix, xs)  # [f, 2 q_out, n]
-    yf = torch.complex(ys[:, :q_out], ys[:, q_out:]).permute(1, 0, 2)  # [q_out, f, n]
-    return torch.fft.irfft(yf, n=p, dim=1).reshape(q_out * p, n)
-
-
-def _cdvft_delta(factors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """ΔW of ``[d1, w1, d2, w2, ..., d_m]`` (diagonals and kernels interleaved, applied right to left)."""
-    delta = _BlockCirculant.apply(factors[1]) * factors[0]  # C_1 D_1
-    for k in range(2, len(factors) - 1, 2):
-        delta = _apply_block_circulant(factors[k + 1], factors[k].unsqueeze(1) * delta)
-    return factors[-1].unsqueeze(1) * delta
-
-
-def _refine_cdvft(g: torch.Tensor, p: int, start: list[torch.Tensor], captured: float
-                  ) -> tuple[list[torch.Tensor], float]:
-    """One more (C, D) pair on top of ``start`` (an (m−1)-factor fit), refined by a capped number of Adam steps."""
-    d_out = g.shape[0]
-    q = d_out // p
-    gen = torch.Generator().manual_seed(_FIT_SEED)
-    eye = torch.zeros(q, q, p, dtype=g.dtype)
-    eye[torch.arange(q), torch.arange(q), 0] = 1.0  # the identity: block (i, i) is the circulant of e_0
-    eye += 1e-3 * torch.randn(eye.shape, generator=gen, dtype=g.dtype) / math.sqrt(q)
-    params = [t.detach().clone() for t in start[:-1]]
-    params += [start[-1].detach().clone(), eye, torch.ones(d_out, dtype=g.dtype)]
-    # Step sizes relative to each factor's scale (its RMS singular value for kernels, its RMS for diagonals), so
-    # that the factors' arbitrary relative scaling (D_2·c, C/c) does not change the fit's path.
-    lrs = []
-    for k, t in enumerate(params):
-        rms = float(t.square().mean().sqrt())
-        lrs.append(_ADAM_LR * (rms if k % 2 == 0 else rms * math.sqrt(t.shape[1] * p)) + 1e-30)
-    for t in params:
-        t.requires_grad_(True)
-    opt = torch.optim.Adam([{"params": [t], "lr": lr} for t, lr in zip(params, lrs, strict=True)])
-    total = float(g.square().sum(dtype=torch.float64))
-    best, best_params = captured, [t.detach().clone() for t in params]
-    steps = max(5, min(CDVFT_STEPS, CDVFT_STEPS * CDVFT_FIT_ENTRIES // g.numel()))
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = (g - _cdvft_delta(params)).square().sum()
-        value = total - float(loss.detach())
-        if value > best:
-            best, best_params = value, [t.detach().clone() for t in params]
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        value = total - float((g - _cdvft_delta(params)).square().sum())
-    if value > best:
-        best, best_params = value, [t.detach().clone() for t in params]
-    return best_params, best
 
 
 class _GradientFractions:
@@ -269,30 +129,22 @@ class _GradientFractions:
         self._cum: torch.Tensor | None = None
 
     def fraction(self, candidate: Candidate) -> float:
-        method = candidate.method
-        if method == "none" or self.total == 0.0:
+        expresses = _expresses(candidate)
+        if expresses == "nothing" or self.total == 0.0:
             return 0.0
         d_out, d_in = self.g.shape
-        if method in ("c3a", "peft-c3a"):
-            p = _check_block(d_out, d_in, candidate.block_size, _name(candidate))
-            energy = self._projection_energy(p)
-        elif method == "lora":
-            r = candidate.factors
-            if not isinstance(r, int) or r < 1:
-                raise ValueError(f"{_name(candidate)}: LoRA needs a rank >= 1 in factors, got {r!r}")
-            energy = self._rank_energy(r)
-        elif method == "cdvft":
-            p = _check_block(d_out, d_in, candidate.block_size, _name(candidate))
-            m = candidate.factors
-            if not isinstance(m, int) or m < 2:
-                raise ValueError(f"{_name(candidate)}: CDVFT needs factors >= 2, got {m!r}")
-            energy = self._cdvft(p, m) * self.total
+        if expresses == "low-rank":
+            energy = self._rank_energy(_factors(candidate))
         else:
-            raise ValueError(f"no capacity rule for method {method!r}; known: none, lora, c3a, peft-c3a, cdvft")
+            p = _check_block(d_out, d_in, candidate.block_size, _name(candidate))
+            if expresses == "block-circulant":
+                energy = self._projection_energy(p)
+            else:  # circulant-diagonal
+                energy = self._cdvft(p, _factors(candidate)) * self.total
         return min(1.0, max(0.0, energy / self.total))
 
     def _projection_energy(self, p: int) -> float:
-        key = ("c3a", p)
+        key = ("block-circulant", p)
         if key not in self._energy:
             self._energy[key] = float(diagonal_sums(self.g, p).square().sum()) / p
         return self._energy[key]
@@ -324,11 +176,13 @@ class _GradientFractions:
             if total == 0.0:
                 factors, captured = [], 0.0
             elif m == 2:
-                factors, captured = _als_cdvft2(sub, p)
+                sweeps = max(4, min(_ALS_SWEEPS, _ALS_SWEEPS * _ALS_ENTRIES // sub.numel()))
+                factors, captured = als_cdvft2(sub, p, sweeps)
             else:
                 self._chain(p, m - 1, k)
                 start, fraction = self._fits[(p, m - 1, k)]
-                factors, captured = _refine_cdvft(sub, p, start, fraction * total)
+                steps = max(5, min(CDVFT_STEPS, CDVFT_STEPS * CDVFT_FIT_ENTRIES // sub.numel()))
+                factors, captured = refine_cdvft(sub, p, start, fraction * total, steps)
             self._fits[key] = factors, (captured / total if total else 0.0)
         return self._fits[key][1]
 
@@ -374,7 +228,7 @@ def captured_fraction(grad: torch.Tensor, candidate: Candidate) -> float:
 @functools.lru_cache(maxsize=256)
 def _gaussian_samples(d_out: int, d_in: int) -> tuple[_GradientFractions, ...]:
     count = max(1, min(8, math.ceil(_MIN_SAMPLE_ENTRIES / (d_out * d_in))))
-    gen = torch.Generator().manual_seed(_FIT_SEED + 1000 * d_out + d_in)
+    gen = torch.Generator().manual_seed(FIT_SEED + 1000 * d_out + d_in)
     return tuple(_GradientFractions(torch.randn(d_out, d_in, generator=gen, dtype=torch.float64))
                  for _ in range(count))
 
@@ -403,16 +257,14 @@ def uniform_fraction(d_in: int, d_out: int, candidate: Candidate) -> float:
     fit's gain on the strided sub-block, whose entries a Gaussian G leaves Gaussian), so it is the fit on a
     Gaussian of the sub-block's shape.
     """
-    method = candidate.method
-    if method == "none":
+    expresses = _expresses(candidate)
+    if expresses == "nothing":
         return 0.0
-    if method in ("c3a", "peft-c3a"):
+    if expresses == "block-circulant":
         p = _check_block(d_out, d_in, candidate.block_size, _name(candidate))
         return 1.0 / p
-    if method == "lora":
-        r = candidate.factors
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"{_name(candidate)}: LoRA needs a rank >= 1 in factors, got {r!r}")
+    if expresses == "low-rank":
+        r = _factors(candidate)
         if r >= min(d_in, d_out):
             return 1.0
         po, pi, k = _proxy_shape(d_out, d_in, 1)
@@ -425,20 +277,19 @@ def uniform_fraction(d_in: int, d_out: int, candidate: Candidate) -> float:
             above = sample._rank_energy(lo + 1) if t > 0 else below
             values.append(((1 - t) * below + t * above) / sample.total)
         return min(1.0, sum(values) / len(values))
-    if method == "cdvft":
-        p = _check_block(d_out, d_in, candidate.block_size, _name(candidate))
-        # As for data: C3A's share (1/p at any shape) plus the gains measured on sub-blocks; a strided sub-block of
-        # a Gaussian is Gaussian, so the fraction at the larger sub-block's shape is the same estimate.
-        if p * p > _MAX_BLOCK_ENTRIES:
-            return 1.0 / p
-        k = _stride(d_out // p, d_in // p, p, _ALS_ENTRIES)
-        po, pi = math.ceil(d_out // p / k) * p, math.ceil(d_in // p / k) * p
-        if (po, pi) != (d_out, d_in):
-            return uniform_fraction(pi, po, candidate)
-        proxy = Candidate("cdvft", p, candidate.factors)
-        samples = _gaussian_samples(po, pi)
-        return sum(s.fraction(proxy) for s in samples) / len(samples)
-    raise ValueError(f"no capacity rule for method {method!r}; known: none, lora, c3a, peft-c3a, cdvft")
+    # circulant-diagonal
+    p = _check_block(d_out, d_in, candidate.block_size, _name(candidate))
+    # As for data: C3A's share (1/p at any shape) plus the gains measured on sub-blocks; a strided sub-block of
+    # a Gaussian is Gaussian, so the fraction at the larger sub-block's shape is the same estimate.
+    if p * p > _MAX_BLOCK_ENTRIES:
+        return 1.0 / p
+    k = _stride(d_out // p, d_in // p, p, _ALS_ENTRIES)
+    po, pi = math.ceil(d_out // p / k) * p, math.ceil(d_in // p / k) * p
+    if (po, pi) != (d_out, d_in):
+        return uniform_fraction(pi, po, candidate)
+    proxy = Candidate(candidate.method, p, candidate.factors)
+    samples = _gaussian_samples(po, pi)
+    return sum(s.fraction(proxy) for s in samples) / len(samples)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -489,7 +340,8 @@ class Capacity:
         sets = sorted({_key(c) for c in candidates}, key=lambda k: (k[0], k[1] or 0, k[2] or 0))
         for layer in tqdm(layers, desc="capacity", unit="layer", disable=not progress):
             for key in sets:
-                if key[0] == "none" or key[1] is not None and (layer.d_in % key[1] or layer.d_out % key[1]):
+                divides = key[1] is None or not (layer.d_in % key[1] or layer.d_out % key[1])
+                if get_method(key[0]).expresses == "nothing" or not divides:
                     continue
                 self.fraction(layer, Candidate(*key))
 

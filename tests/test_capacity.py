@@ -8,14 +8,8 @@ from reference import assert_close, block_circulant_reference
 from torch import nn
 
 from circtune import C3ALinear, CDVFTLinear
-from circtune.capacity import (
-    Capacity,
-    _apply_block_circulant,
-    block_circulant_projection,
-    capacity_from_gradients,
-    captured_fraction,
-    uniform_fraction,
-)
+from circtune._capacity_fit import apply_block_circulant, block_circulant_projection
+from circtune.capacity import Capacity, capacity_from_gradients, captured_fraction, uniform_fraction
 from circtune.models import TargetLayer
 from circtune.space import Candidate
 
@@ -97,7 +91,7 @@ def test_fft_product_matches_the_dense_reference():
     for q_out, q_in, p, n in [(3, 2, 6, 5), (2, 4, 3, 7), (1, 1, 8, 4), (2, 3, 5, 2)]:
         w = torch.randn(q_out, q_in, p, dtype=torch.float64)
         x = torch.randn(q_in * p, n, dtype=torch.float64)
-        assert_close(_apply_block_circulant(w, x), block_circulant_reference(w) @ x, atol=1e-12, rtol=1e-10,
+        assert_close(apply_block_circulant(w, x), block_circulant_reference(w) @ x, atol=1e-12, rtol=1e-10,
                      what=f"C(w) @ x at {q_out, q_in, p}")
 
 

@@ -42,7 +42,8 @@ ALLOCATIONS = ("balanced", "free")
 SAMPLERS = ("tpe", "nsga2")
 PLOTLYJS = ("inline", "cdn")
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
-# The names circtune.adapters.config and circtune.space define (which import torch); a test keeps them equal.
+# The adapter methods of the method registry (circtune.adapters.methods) and the backends circtune.space knows;
+# both modules import torch, which checking options does not need. A test keeps them equal.
 METHOD_CHOICES = ("c3a", "cdvft")
 BACKEND_CHOICES = ("torch", "dense", "triton")
 

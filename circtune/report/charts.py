@@ -8,7 +8,8 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 
-from .html import KIND_COLOURS, METHOD_COLOURS, VARIANT_COLOURS, esc, variant_colours
+from ..adapters.methods import get_method, method_names
+from .html import KIND_COLOURS, VARIANT_COLOURS, esc, method_style, variant_colours
 from .html import hover as _hover
 
 _SYMBOLS = ("diamond", "square", "triangle-up", "x", "cross", "pentagon", "hexagon", "triangle-down")
@@ -16,12 +17,12 @@ _NAMED_COLOURS = ("#7f7f7f", "#9467bd", "#ff7f0e", "#d62728", "#8c564b", "#17bec
 
 
 def class_colours(classes: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """A blue shade per C3A block size and an orange one per CDVFT block size, darker for larger p."""
+    """A shade of the method's colour scale per block size (C3A blue, CDVFT orange), darker for larger p."""
     out = {}
     for method in {c["method"] for c in classes}:
         mine = [c["class"] for c in classes if c["method"] == method]
         ts = [0.45 + 0.5 * i / max(1, len(mine) - 1) for i in range(len(mine))]
-        for name, colour in zip(mine, sample_colorscale(METHOD_COLOURS.get(method, "Greys"), ts), strict=True):
+        for name, colour in zip(mine, sample_colorscale(method_style(method)[1], ts), strict=True):
             out[name] = colour
     return out
 
@@ -184,17 +185,21 @@ def _point_trace(points, name, colour, symbol="circle", x="params", y="step_ms",
                              "memory +%{customdata[3]:.4g} MiB", "picked for %{customdata[4]} layer(s)"))
 
 
+def _method_traces(fig: go.Figure, shape: Mapping[str, Any], y: str) -> None:
+    """One trace per registered method with points of ``y`` in ``shape``: the adapters under their names, then the
+    references (the base layer is no point: every time is added over it) under their titles."""
+    for name in method_names():
+        spec = get_method(name)
+        pts = [p for p in shape["candidates" if spec.is_adapter else "baselines"]
+               if p["method"] == name and p[y] is not None]
+        if pts and spec.expresses != "nothing":
+            colour, _, symbol = method_style(name)
+            fig.add_trace(_point_trace(pts, name if spec.is_adapter else spec.title, colour, symbol, y=y))
+
+
 def landscape_figure(shape: Mapping[str, Any]) -> go.Figure:
     fig = go.Figure()
-    for method, colour in (("c3a", "#1f77b4"), ("cdvft", "#ff7f0e")):
-        pts = [p for p in shape["candidates"] if p["method"] == method and p["step_ms"] is not None]
-        if pts:
-            fig.add_trace(_point_trace(pts, method, colour))
-    for method, name, colour, symbol in (("lora", "LoRA", "#7f7f7f", "x"), ("peft-c3a", "PEFT C3A", "#9467bd",
-                                                                             "triangle-up")):
-        pts = [p for p in shape["baselines"] if p["method"] == method and p["step_ms"] is not None]
-        if pts:
-            fig.add_trace(_point_trace(pts, name, colour, symbol))
+    _method_traces(fig, shape, "step_ms")
     front = shape["pareto"]
     if front:
         fig.add_trace(go.Scatter(x=[p["params"] for p in front], y=[p["step_ms"] for p in front], mode="lines",
@@ -229,15 +234,7 @@ def flops_figure(shape: Mapping[str, Any]) -> go.Figure:
 
 def memory_figure(shape: Mapping[str, Any]) -> go.Figure:
     fig = go.Figure()
-    for method, colour in (("c3a", "#1f77b4"), ("cdvft", "#ff7f0e")):
-        pts = [p for p in shape["candidates"] if p["method"] == method and p["mem_mb"] is not None]
-        if pts:
-            fig.add_trace(_point_trace(pts, method, colour, y="mem_mb"))
-    for method, name, colour, symbol in (("lora", "LoRA", "#7f7f7f", "x"), ("peft-c3a", "PEFT C3A", "#9467bd",
-                                                                             "triangle-up")):
-        pts = [p for p in shape["baselines"] if p["method"] == method and p["mem_mb"] is not None]
-        if pts:
-            fig.add_trace(_point_trace(pts, name, colour, symbol, y="mem_mb"))
+    _method_traces(fig, shape, "mem_mb")
     fig.update_xaxes(title="trainable parameters per layer", type="log")
     fig.update_yaxes(title="added peak memory per layer (MiB)")
     fig.update_layout(title="Memory against parameters")

@@ -19,12 +19,14 @@ from typing import Any
 import plotly.graph_objects as go
 
 from .._io import write_text_atomic
+from ..adapters.methods import method_names
 from ..cost import ok_table, summed_cost
 from .folder import RunFolder, layer_candidate, layer_shapes, load_folder, num, run_frame
 from .html import esc, figure, note, page, table
 
 _CHECKED = (("base_model", "model"), ("budget", "budget"), ("tokens", "tokens"), ("dtype", "dtype"))
-_METHOD_ORDER = ("none", "c3a", "cdvft", "lora", "peft-c3a")
+# Rows in the registry's order, the base layer (every other row's reference) first.
+_METHOD_ORDER = ("none", *(m for m in method_names() if m != "none"))
 
 
 def _tag(i: int) -> str:

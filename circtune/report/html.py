@@ -21,7 +21,10 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
 PLOTLYJS = ("inline", "cdn")
-METHOD_COLOURS = {"c3a": "Blues", "cdvft": "Oranges"}
+# How each registered method is drawn: (marker colour, colour scale of its block sizes in the per-layer map, marker
+# symbol). A method without an entry (one registered later) is drawn in a spare colour, so it never needs one.
+METHOD_STYLES = {"c3a": ("#1f77b4", "Blues", "circle"), "cdvft": ("#ff7f0e", "Oranges", "circle"),
+                 "lora": ("#7f7f7f", "Greys", "x"), "peft-c3a": ("#9467bd", "Purples", "triangle-up")}
 KIND_COLOURS = {"pick": "#2ca02c", "candidate": "#1f77b4", "baseline": "#9a9a9a"}
 # One colour per transform/backend in every chart; unknown variants take the rest in turn.
 # (dense and triton take no transform: their variant is the backend alone)
@@ -107,6 +110,13 @@ def page(title: str, body: Sequence[str], plotlyjs: str = "inline", kind: str = 
 
 def hover(*lines: str) -> str:
     return "<br>".join(lines) + "<extra></extra>"
+
+
+def method_style(method: str) -> tuple[str, str, str]:
+    """(colour, colour scale, symbol) of ``method``'s points (see METHOD_STYLES)."""
+    if method in METHOD_STYLES:
+        return METHOD_STYLES[method]
+    return _SPARE[sum(map(ord, method)) % len(_SPARE)], "Greys", "diamond"
 
 
 def variant_colours(variants: Iterable[str]) -> dict[str, str]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..adapters.methods import get_method
+from ..space import Candidate
 from .folder import RunFolder, flag, integer, num, short_modules, split_layer_name, text
 
 # A predicted whole-model memory further than this from the measured one gets a note.
@@ -24,6 +26,15 @@ NOISY_SPREAD = 0.15
 # A per-layer measurement more than this many times above (or below) both neighbours in its family is flagged.
 OUTLIER_FACTOR = 3.0
 _COMPARED = ("lora", "peft", "uniform")  # label prefixes of the baselines the verdict names, in its order
+
+
+def _varies_in_factors(method: str) -> bool:
+    """Whether a family of ``method``'s points varies in ``factors``: LoRA's (keyed by its rank alone) does; one keyed
+    by a block size varies in that and holds its factors fixed (CDVFT's m). Unknown methods: as LoRA."""
+    try:
+        return not get_method(method).block_size
+    except ValueError:
+        return True
 
 
 def _capacity_by_label(front: pd.DataFrame | None) -> dict[str, float]:
@@ -167,7 +178,7 @@ def noisy(bars: Sequence[Mapping[str, Any]], shapes: Sequence[Mapping[str, Any]]
         families: dict[tuple, list] = {}  # what varies within a family: LoRA's rank, the block size otherwise
         for pt in list(s["candidates"]) + list(s["baselines"]):
             if pt["step_ms"] is not None and pt["params"] is not None:
-                key = (pt["method"], pt.get("variant"), pt["factors"] if pt["method"] == "cdvft" else None)
+                key = (pt["method"], pt.get("variant"), None if _varies_in_factors(pt["method"]) else pt["factors"])
                 families.setdefault(key, []).append(pt)
         for pts in families.values():
             pts.sort(key=lambda q: q["params"])
@@ -205,8 +216,7 @@ def allocation(run: RunFolder) -> list[dict[str, Any]] | None:
         index, path = split[name]
         method, p, m = text(r.get("method")), integer(r.get("block_size")), integer(r.get("factors"))
         out.append({"layer": name, "short": short[path] if index is None else f"{index}.{short[path]}",
-                    "config": method + (f" p={p}" if p else "") + (f" m={m}" if m and method != "lora" else "")
-                    + (f" r={m}" if m and method == "lora" else ""),
+                    "config": Candidate(method, p, m).label,
                     "method": method, "block_size": p, "factors": m, "params": integer(r.get("params")),
                     **{k: num(r.get(k)) for k in keys_num}})
     return out

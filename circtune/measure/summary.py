@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..adapters.methods import method_names
+from ..space import lora_rank_for
+
 
 def _ms(v) -> str:
     return "-" if v is None or pd.isna(v) else f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
@@ -43,7 +46,7 @@ def summary_table(frame: pd.DataFrame, top: int | None = None) -> str:
         base = group[group.method == "none"]
         lora = group[group.method == "lora"].set_index("factors")
         peft = group[group.method == "peft-c3a"].set_index("block_size")
-        ours = group[group.method.isin(["c3a", "cdvft"])]
+        ours = group[group.method.isin(method_names("adapter"))]
         layers = group.layers.dropna()
         title = f"{d_in} x {d_out}" + (f" ({int(layers.iloc[0])} layers)" if len(layers) else "")
         title += f", {tokens} tokens, {dtype}"
@@ -57,7 +60,7 @@ def summary_table(frame: pd.DataFrame, top: int | None = None) -> str:
         if top is not None:
             best = best.head(top)
         for row in best.itertuples():
-            rank = max(1, round(row.params / (d_in + d_out)))
+            rank = lora_rank_for(row.params, d_in, d_out)
             lora_ms = lora.step_ms.get(rank)
             peft_ms = peft.step_ms.get(row.block_size) if row.method == "c3a" else None
             added = None if base_flops is None or pd.isna(base_flops) else row.flops_fwd_bwd - base_flops
@@ -77,7 +80,7 @@ def summary_table(frame: pd.DataFrame, top: int | None = None) -> str:
     if len(failed):
         out.append(f"{len(failed)} failed:")
         for row in failed.itertuples():
-            what = row.method if row.method in ("none", "lora", "peft-c3a") else _label(row)
+            what = row.method if row.method not in method_names("adapter") else _label(row)
             out.append(f"  {row.d_in}x{row.d_out} {row.dtype} {what}: {row.status}")
     return "\n".join(out).rstrip() + "\n"
 

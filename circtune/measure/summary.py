@@ -1,4 +1,4 @@
-"""The profile table: per shape, the fastest candidate at each parameter count beside the baselines.
+"""The profile table: per shape, the fastest candidate at each parameter count beside the references (LoRA, PEFT C3A).
 
 Built from the CSV frame (:func:`circtune.measure.store.to_frame`), so the table and ``measurements.csv`` can
 never disagree. Times, memory and FLOPs are what a layer adds to the frozen base layer's training step (medians,

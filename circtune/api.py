@@ -28,10 +28,19 @@ import pandas as pd
 
 from .errors import OptionError
 from .options import SEARCH_SHAPE, ProfileOptions, SearchOptions, make_options, option_names
+from .outputs import (
+    ALLOCATION_FILE,
+    CONFIG_FILE,
+    FRONT_FILE,
+    PEFT_CONFIG_FILE,
+    REPORT_FILE,
+    TRIALS_FILE,
+    VALIDATION_FILE,
+    RunFiles,
+)
 from .profiling import PROFILE_FILES, Profiled, command_line, profile_to_folder, with_dtype
 
-SEARCH_FILES = ("adapter_config.json", "peft/adapter_config.json", "trials.csv", "validation.csv", "front.csv",
-                "allocation.csv", "report.html")
+SEARCH_FILES = (CONFIG_FILE, PEFT_CONFIG_FILE, TRIALS_FILE, VALIDATION_FILE, FRONT_FILE, ALLOCATION_FILE, REPORT_FILE)
 # Calibration texts per forward-backward pass (gradients are accumulated over all of them).
 CALIBRATION_BATCH = 8
 
@@ -172,21 +181,21 @@ def _search(opts: SearchOptions) -> SearchResult:
 def _search_result(opts: SearchOptions, done: Profiled, summary: dict) -> SearchResult:
     from .adapters.config import load_config
 
-    out = done.out
+    out, files = done.out, RunFiles(done.out)
     skipped = summary.get("skipped")
     config = summary.get("config")
-    if config is None and (out / "adapter_config.json").is_file():
-        config = load_config(out / "adapter_config.json")
+    if config is None and files.config.is_file():
+        config = load_config(files.config)
 
-    def frame(name: str) -> pd.DataFrame | None:
-        return pd.read_csv(out / name) if (out / name).is_file() else None
+    def frame(path: Path) -> pd.DataFrame | None:
+        return pd.read_csv(path) if path.is_file() else None
 
     printed = summary.get("printed")
     if printed is None and config is not None:
         printed = {k: config.metadata.get(k) for k in ("total_params", "budget", "predicted_overhead_ms",
                                                        "measured_step_ms")}
-    report = out / "report.html"
-    return SearchResult(config, out, done.frame, frame("trials.csv"), frame("validation.csv"),
+    report = files.report
+    return SearchResult(config, out, done.frame, frame(files.trials), frame(files.validation),
                         report if report.is_file() else None, json.loads(json.dumps(printed or {})),
                         tuple(summary.get("written", ())), skipped, opts)
 

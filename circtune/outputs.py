@@ -20,16 +20,91 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._io import write_text_atomic
 
+# The names of the files circtune writes into an output folder, relative to it: the one place that spells them
+# (the manifest records, a command's list of the files it writes and a reader's list of the files it needs are
+# made of these; paths in one folder come from RunFiles).
+CONFIG_FILE = "adapter_config.json"
+MEASUREMENTS_FILE = "measurements.csv"
+PROFILE_FILE = "profile.json"
+TRIALS_FILE = "trials.csv"
+VALIDATION_FILE = "validation.csv"
+FRONT_FILE = "front.csv"
+ALLOCATION_FILE = "allocation.csv"
+REPORT_FILE = "report.html"
+PEFT_FOLDER = "peft"
+PEFT_CONFIG_FILE = f"{PEFT_FOLDER}/{CONFIG_FILE}"
+STORE_FILE = "circtune.db"
 MANIFEST = "manifest.json"
 FORMAT = "circtune.manifest/1"
 # Pages any circtune report command may rebuild (derived from the run files).
-PAGES = ("report.html",)
+PAGES = (REPORT_FILE,)
 GENERATOR = "circtune"  # <meta name="generator" content="circtune report|compare"> in every page circtune writes
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The paths of the files in one output folder (``RunFiles(out).trials`` is ``out/trials.csv``)."""
+
+    folder: Path
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        object.__setattr__(self, "folder", Path(folder))
+
+    @property
+    def config(self) -> Path:
+        return self.folder / CONFIG_FILE
+
+    @property
+    def measurements(self) -> Path:
+        return self.folder / MEASUREMENTS_FILE
+
+    @property
+    def profile(self) -> Path:
+        return self.folder / PROFILE_FILE
+
+    @property
+    def trials(self) -> Path:
+        return self.folder / TRIALS_FILE
+
+    @property
+    def validation(self) -> Path:
+        return self.folder / VALIDATION_FILE
+
+    @property
+    def front(self) -> Path:
+        return self.folder / FRONT_FILE
+
+    @property
+    def allocation(self) -> Path:
+        return self.folder / ALLOCATION_FILE
+
+    @property
+    def report(self) -> Path:
+        return self.folder / REPORT_FILE
+
+    @property
+    def peft(self) -> Path:
+        """The folder of the PEFT config (written when the pick is all C3A and PEFT is installed)."""
+        return self.folder / PEFT_FOLDER
+
+    @property
+    def peft_config(self) -> Path:
+        return self.folder / PEFT_CONFIG_FILE
+
+    @property
+    def store(self) -> Path:
+        """The measurement store's SQLite file when ``--store`` is not given."""
+        return self.folder / STORE_FILE
+
+    @property
+    def manifest(self) -> Path:
+        return self.folder / MANIFEST
 
 
 class OutputError(ValueError):
@@ -38,7 +113,7 @@ class OutputError(ValueError):
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
     """file name (relative to the folder) -> its record; {} when the folder has no (readable) manifest."""
-    path = Path(folder) / MANIFEST
+    path = RunFiles(folder).manifest
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -82,8 +157,8 @@ def record(folder: str | os.PathLike, names: Iterable[str], *, subcommand: str, 
             files = {}
         files.update({name: entry for name in names})
         files = {name: rec for name, rec in files.items() if (folder / name).exists()}  # e.g. a removed peft/
-        write_text_atomic(folder / MANIFEST, json.dumps({"format": FORMAT, "files": dict(sorted(files.items()))},
-                                                        indent=2, default=str) + "\n")
+        text = json.dumps({"format": FORMAT, "files": dict(sorted(files.items()))}, indent=2, default=str)
+        write_text_atomic(RunFiles(folder).manifest, text + "\n")
     return entry
 
 
@@ -129,7 +204,7 @@ def check_folder(folder: str | os.PathLike, names: Iterable[str], *, subcommand:
     if not force and folder.is_dir():
         files = read_manifest(folder)
         present = [n for n in names if n not in PAGES and (folder / n).exists()]
-        if not files and present and not (folder / "profile.json").is_file():
+        if not files and present and not RunFiles(folder).profile.is_file():
             # no manifest and no run of an older circtune (judged from profile.json by the caller): not ours
             raise OutputError(f"output folder {folder} holds {_short(present)}, not written by circtune; use another "
                               "--out, or --force to overwrite")

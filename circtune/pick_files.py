@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 FRONT_COLUMNS = ("label", "kind", "params", "step_ms", "mem_mb", "capacity", "picked")
 ALLOCATION_COLUMNS = ("layer", "d_in", "d_out", "method", "block_size", "factors", "backend", "transform", "params",
                       "share", "window_lo", "window_hi", "energy", "fraction", "capacity")
-FRONT_FILE, ALLOCATION_FILE = "front.csv", "allocation.csv"
 
 
 def uniform_baseline(problem: Problem, budget: int) -> Assignment | None:

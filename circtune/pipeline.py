@@ -34,8 +34,20 @@ from .measure.store import MeasurementStore, masked_url, this_worker
 from .measure.timing import TimingSettings
 from .models import ModelInfo, build_model
 from .options import WHOLE_MODEL, SearchOptions
-from .outputs import record, same_identity, written_by
-from .pick_files import ALLOCATION_FILE, FRONT_FILE, allocation_frame, baseline_rows, front_frame
+from .outputs import (
+    ALLOCATION_FILE,
+    CONFIG_FILE,
+    FRONT_FILE,
+    PEFT_CONFIG_FILE,
+    REPORT_FILE,
+    TRIALS_FILE,
+    VALIDATION_FILE,
+    RunFiles,
+    record,
+    same_identity,
+    written_by,
+)
+from .pick_files import allocation_frame, baseline_rows, front_frame
 from .problem import Assignment, Problem, build_problem, exact_optimum, neighbours, to_layer_map, uniform_c3a
 from .report.render import write_report
 from .space import DTYPES, Candidate, lora_rank_for_budget
@@ -238,9 +250,9 @@ def _outputs_written(study, opts: SearchOptions, out: Path, name: str, identity:
     this folder, when its manifest says this study wrote its adapter_config.json with these options (and the file
     is there); or the folder another worker of the study wrote them to (the outputs are written once per study;
     the others say where). A folder whose files say otherwise (another run wrote over them) is written again."""
-    mine = written_by(out, "adapter_config.json")
+    mine = written_by(out, CONFIG_FILE)
     if (mine and mine.get("study") == name and same_identity(mine.get("options"), identity)
-            and mine.get("trials", 0) >= opts.trials and (out / "adapter_config.json").is_file()):
+            and mine.get("trials", 0) >= opts.trials and RunFiles(out).config.is_file()):
         return {"worker": mine.get("worker"), "folder": str(out)}
     record_ = study.user_attrs.get("outputs")
     if (record_ and record_.get("trials", 0) >= opts.trials
@@ -253,8 +265,9 @@ def _outputs_written(study, opts: SearchOptions, out: Path, name: str, identity:
 def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out: Path,
                    storage: str, problem: Problem, here: pd.DataFrame, choice: dict, study, name: str,
                    batch: int, seq_len: int, dtype: str, command: str | None) -> dict:
+    files = RunFiles(out)
     trials = trials_frame(problem, study)
-    write_csv_atomic(trials, out / "trials.csv")
+    write_csv_atomic(trials, files.trials)
     best, tolerance = choice["best"].capacity, opts.capacity_tolerance
     top = ranked_assignments(problem, study, opts.objective, opts.top, tolerance=tolerance, best_capacity=best)
     if not top:  # cannot happen with the pick enqueued, unless the study was made from other measurements
@@ -279,7 +292,7 @@ def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out
     measured = {v.label: v for v in results if v.kind == "candidate"}
     index = choose(top[:ruled], measured, opts.objective) if results else 0
     pick, picked = top[index], measured.get(candidate_label(index))
-    write_csv_atomic(validation_frame(results, base, candidate_label(index)), out / "validation.csv")
+    write_csv_atomic(validation_frame(results, base, candidate_label(index)), files.validation)
     added = picked.overhead if picked else None
     meta = {
         "model_spec": model.spec, "budget": opts.budget, "min_fill": opts.min_fill, "objective": opts.objective,
@@ -301,18 +314,18 @@ def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out
                   "sampler": opts.sampler},
     }
     config = adapter_config(model, problem, pick, **meta)
-    config.save(out / "adapter_config.json")
+    config.save(files.config)
     candidates = [(candidate_label(i), a) for i, a in enumerate(top)]
     baselines = baseline_rows(model, choice["full"], here, opts.budget, choice["capacity"], choice["latency_only"])
-    write_csv_atomic(front_frame(choice["front"], candidates, baselines, candidate_label(index)), out / FRONT_FILE)
-    write_csv_atomic(allocation_frame(problem, pick, choice["capacity"]), out / ALLOCATION_FILE)
-    written = ["trials.csv", "validation.csv", "adapter_config.json", FRONT_FILE, ALLOCATION_FILE]
-    if all(lc.method == "c3a" for lc in config.layers.values()) and _write_peft(config, out / "peft"):
-        written.append("peft/adapter_config.json")
-    elif (out / "peft").is_dir():  # a previous pick's PEFT config would contradict this one
-        shutil.rmtree(out / "peft")
+    write_csv_atomic(front_frame(choice["front"], candidates, baselines, candidate_label(index)), files.front)
+    write_csv_atomic(allocation_frame(problem, pick, choice["capacity"]), files.allocation)
+    written = [TRIALS_FILE, VALIDATION_FILE, CONFIG_FILE, FRONT_FILE, ALLOCATION_FILE]
+    if all(lc.method == "c3a" for lc in config.layers.values()) and _write_peft(config, files.peft):
+        written.append(PEFT_CONFIG_FILE)
+    elif files.peft.is_dir():  # a previous pick's PEFT config would contradict this one
+        shutil.rmtree(files.peft)
     write_report(out, plotlyjs=opts.plotlyjs)
-    written.append("report.html")
+    written.append(REPORT_FILE)
     keys = ("total_params", "budget", "predicted_overhead_ms", "measured_overhead_ms", "optimum_overhead_ms",
             "base_step_ms", "predicted_step_ms", "measured_step_ms", "predicted_mem_mb", "measured_mem_mb",
             "allocation", "capacity_source", "capacity", "capacity_best", "capacity_tolerance")

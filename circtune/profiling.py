@@ -17,8 +17,9 @@ import torch
 
 from .errors import OptionError, UsageError
 from .options import PROFILE_DEFAULTS, ProfileOptions
+from .outputs import MEASUREMENTS_FILE, PROFILE_FILE, RunFiles
 
-PROFILE_FILES = ("measurements.csv", "profile.json")
+PROFILE_FILES = (MEASUREMENTS_FILE, PROFILE_FILE)
 
 
 def check_output_folder(out: Path, spec: str, *, force: bool, command: str | None = None, **expected) -> None:
@@ -27,16 +28,16 @@ def check_output_folder(out: Path, spec: str, *, force: bool, command: str | Non
     ``force``: its files would be overwritten. The same command on its own folder is a resume."""
     if force:
         return
-    found = {}
+    found, files = {}, RunFiles(out)
     try:
-        if (out / "profile.json").is_file():
-            written = json.loads((out / "profile.json").read_text())
+        if files.profile.is_file():
+            written = json.loads(files.profile.read_text())
             found["model"] = written.get("model", {}).get("spec")
             found["command"] = written.get("subcommand")  # absent from runs written before it was recorded
-        if (out / "adapter_config.json").is_file():
+        if files.config.is_file():
             found["command"] = "search"  # only a search writes one
             if expected:
-                config = json.loads((out / "adapter_config.json").read_text())
+                config = json.loads(files.config.read_text())
                 found.update({k: config.get(k) for k in expected})
     except (OSError, ValueError, AttributeError) as e:
         raise UsageError(f"output folder {out} holds unreadable run files ({e}); use another --out or --force") \
@@ -166,7 +167,7 @@ def prepare(opts: ProfileOptions, command: str, *, tokens: int | None = None, lo
     check_folder(out, files, subcommand=command, identity=identity, force=opts.force)
     if folder_checked is not None:
         folder_checked()
-    store = MeasurementStore(opts.store or out / "circtune.db")
+    store = MeasurementStore(opts.store or RunFiles(out).store)
     if last_check is not None:
         try:
             last_check(identity, store.url)
@@ -198,7 +199,8 @@ def profile_to_folder(opts: ProfileOptions, command: str, **prepare_kw) -> Profi
         store.close()
     p.out.mkdir(parents=True, exist_ok=True)
     frame = to_frame(result.measurements, model.name, model.shapes)
-    write_csv_atomic(frame, p.out / "measurements.csv")
+    files = RunFiles(p.out)
+    write_csv_atomic(frame, files.measurements)
     summary = {
         "model": model.to_dict(), "space": asdict(space), "device": info.to_dict(), "store": masked_url(store.url),
         "tokens": settings.tokens, "dtypes": list(settings.dtypes), "timing": asdict(settings.timing),
@@ -207,7 +209,7 @@ def profile_to_folder(opts: ProfileOptions, command: str, **prepare_kw) -> Profi
         "excluded": {f"{s.d_in}x{s.d_out}": [{"what": e.what, "reason": e.reason} for e in s.excluded]
                      for s in plans},
     }
-    write_text_atomic(p.out / "profile.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(files.profile, json.dumps(summary, indent=2, default=str) + "\n")
     record(p.out, PROFILE_FILES, subcommand=command, command=command_line(), identity=p.identity)
     return Profiled(model, info, settings, p.out, store.url, plans, result, frame, p.identity)
 

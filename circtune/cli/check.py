@@ -35,9 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_path(given: str) -> Path:
     """The adapter config file that ``given`` names: the file itself, or a folder's adapter_config.json."""
+    from ..outputs import RunFiles
+
     path = Path(given)
     if path.is_dir():
-        inside = path / "adapter_config.json"
+        inside = RunFiles(path).config
         if not inside.is_file():
             raise ValueError(f"{given}: folder holds no adapter_config.json (expected the output folder of "
                              "'circtune search', or the config file itself)")

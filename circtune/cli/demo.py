@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     import circtune
     from circtune.errors import UsageError
+    from circtune.outputs import CONFIG_FILE
 
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"loss {first:.3f} -> {loss.item():.3f} in {args.steps} steps ({time.perf_counter() - t0:.1f} s)")
 
     os.makedirs(args.out, exist_ok=True)
-    config_path = os.path.join(args.out, "adapter_config.json")
+    config_path = os.path.join(args.out, CONFIG_FILE)
     weights_path = os.path.join(args.out, "adapter.safetensors")
     circtune.config_from_model(model, "roberta-small-random").save(config_path)
     circtune.save_adapter(model, weights_path)

@@ -85,15 +85,17 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..measure.summary import summary_table
     from ..options import ProfileOptions
+    from ..outputs import RunFiles
 
     if args.top is not None and args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     started = time.perf_counter()
     result = api.profile(options=options_from_args(args, ProfileOptions))
+    files = RunFiles(result.folder)
     print(summary_table(result.measurements, top=args.top))
     for e in result.exclusions:
         print(f"excluded for {e.shape[0]}x{e.shape[1]}: {e.what}: {e.reason}")
     print(f"{result.measured} measured, {result.reused} already in the store, {result.failed} failed; "
-          f"{time.perf_counter() - started:.1f} s. Wrote {result.folder / 'measurements.csv'} and "
-          f"{result.folder / 'profile.json'}; store: {result.store}")
+          f"{time.perf_counter() - started:.1f} s. Wrote {files.measurements} and {files.profile}; store: "
+          f"{result.store}")
     return 0

@@ -22,11 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..outputs import MANIFEST, check_page_target, record
+    from ..outputs import MANIFEST, RunFiles, check_page_target, record
     from ..profiling import command_line
     from ..report.render import write_report
 
-    out = check_page_target(args.out if args.out is not None else Path(args.dir) / "report.html", "report",
+    out = check_page_target(args.out if args.out is not None else RunFiles(args.dir).report, "report",
                             force=args.force)
     path = write_report(args.dir, out, plotlyjs=args.plotlyjs)
     if (path.parent / MANIFEST).is_file():  # a run folder: say which command wrote this page

@@ -16,13 +16,22 @@ from typing import Any
 
 import pandas as pd
 
+from ..outputs import (
+    ALLOCATION_FILE,
+    CONFIG_FILE,
+    FRONT_FILE,
+    MEASUREMENTS_FILE,
+    TRIALS_FILE,
+    VALIDATION_FILE,
+    RunFiles,
+)
 from ..space import Candidate, finite_number
 
-REQUIRED_FILES = ("adapter_config.json", "measurements.csv")
+REQUIRED_FILES = (CONFIG_FILE, MEASUREMENTS_FILE)
 # The columns the report reads from the optional tables that a search writes next to the config (older runs lack
 # the files, which is fine; a file without these columns is not one the report can read).
-OPTIONAL_COLUMNS = {"front.csv": ("label", "kind", "step_ms", "capacity", "picked"),
-                    "allocation.csv": ("layer", "params", "share", "window_lo", "window_hi", "capacity")}
+OPTIONAL_COLUMNS = {FRONT_FILE: ("label", "kind", "step_ms", "capacity", "picked"),
+                    ALLOCATION_FILE: ("layer", "params", "share", "window_lo", "window_hi", "capacity")}
 ADAPTERS = ("c3a", "cdvft")
 _REQUIRED_COLUMNS = ("d_in", "d_out", "method", "block_size", "factors", "transform", "backend", "params", "step_ms",
                      "status")
@@ -67,7 +76,7 @@ def _read_csv(path: Path, folder: Path) -> pd.DataFrame:
         raise FolderError(f"{folder}: {path.name} is not a readable CSV: {str(e).splitlines()[0]}") from None
 
 
-def normalise_measurements(frame: pd.DataFrame, source: str = "measurements.csv") -> pd.DataFrame:
+def normalise_measurements(frame: pd.DataFrame, source: str = MEASUREMENTS_FILE) -> pd.DataFrame:
     """Strings with '' for missing, numbers as floats (NaN for missing); refuses a table without the key columns."""
     missing = [c for c in _REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
@@ -90,15 +99,14 @@ def load_folder(path: str | Path) -> RunFolder:
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
         raise FolderError(f"{folder}: missing {' and '.join(missing)}; is this the output folder of 'circtune search'?")
-    config = _read_json(folder / "adapter_config.json", folder)
+    files = RunFiles(folder)
+    config = _read_json(files.config, folder)
     if not isinstance(config.get("layers"), Mapping) or not config["layers"]:
         raise FolderError(f"{folder}: adapter_config.json has no 'layers' object")
-    measurements = normalise_measurements(_read_csv(folder / "measurements.csv", folder),
-                                          f"{folder}/measurements.csv")
-    optional = {name: folder / name for name in ("profile.json", "trials.csv", "validation.csv", "front.csv",
-                                                 "allocation.csv")}
-    csv = {name: _read_csv(path, folder) if path.is_file() else None for name, path in optional.items()
-           if name.endswith(".csv")}
+    measurements = normalise_measurements(_read_csv(files.measurements, folder), str(files.measurements))
+    tables = {TRIALS_FILE: files.trials, VALIDATION_FILE: files.validation, FRONT_FILE: files.front,
+              ALLOCATION_FILE: files.allocation}
+    csv = {name: _read_csv(path, folder) if path.is_file() else None for name, path in tables.items()}
     for name, columns in OPTIONAL_COLUMNS.items():
         frame = csv[name]
         missing = [] if frame is None else [c for c in columns if c not in frame.columns]
@@ -106,9 +114,9 @@ def load_folder(path: str | Path) -> RunFolder:
             raise FolderError(f"{folder}: {name} lacks column(s) {', '.join(missing)}")
     return RunFolder(
         path=str(folder), config=config, measurements=measurements,
-        profile=_read_json(optional["profile.json"], folder) if optional["profile.json"].is_file() else None,
-        trials=csv["trials.csv"], validation=csv["validation.csv"], front=csv["front.csv"],
-        allocation=csv["allocation.csv"])
+        profile=_read_json(files.profile, folder) if files.profile.is_file() else None,
+        trials=csv[TRIALS_FILE], validation=csv[VALIDATION_FILE], front=csv[FRONT_FILE],
+        allocation=csv[ALLOCATION_FILE])
 
 
 # --------------------------------------------------------------------------------------------------- helpers

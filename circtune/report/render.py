@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_text_atomic
+from ..outputs import RunFiles
 from .charts import (
     allocation_figure,
     backends_figure,
@@ -267,4 +268,4 @@ def write_report(folder: str | Path, out: str | Path | None = None, plotlyjs: st
     if plotlyjs not in PLOTLYJS:
         raise ValueError(f"plotlyjs: {plotlyjs!r} is not a mode; accepted: {', '.join(PLOTLYJS)}")
     text = render_html(report_data(folder), plotlyjs)
-    return write_text_atomic(Path(out) if out is not None else Path(folder) / "report.html", text)
+    return write_text_atomic(Path(out) if out is not None else RunFiles(folder).report, text)

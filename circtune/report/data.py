@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..cost import ok_table
+from ..cost import ok_table, summed_cost
 from ..space import Candidate
 from . import verdict
 from .folder import (  # noqa: F401  (FolderError, load_folder, short_modules: this module's public names too)
@@ -94,13 +94,14 @@ def _header(run: RunFolder, frame: pd.DataFrame) -> dict[str, Any]:
 
 
 def _pick(run: RunFolder, table, shapes) -> dict[str, Any]:
-    layers, names = [], list(run.config["layers"])
+    layers, priced, names = [], [], list(run.config["layers"])
     split = {n: split_layer_name(n) for n in names}
     short = short_modules([split[n][1] for n in names])
     for name in names:
         c = layer_candidate(run.config["layers"][name])
         index, path = split[name]
         shape = shapes.get(name)
+        priced.append((name, shape, c))
         row = (table.get(shape) or {}).get(c) if shape else None
         layers.append({"name": name, "index": index, "module": short[path], "label": c.label, "class": layer_class(c),
                        "method": c.method, "block_size": c.block_size, "factors": c.factors,
@@ -122,12 +123,14 @@ def _pick(run: RunFolder, table, shapes) -> dict[str, Any]:
     cells = [{"x": "–" if lay["index"] is None else str(lay["index"]), "y": lay["module"], "name": lay["name"],
               "class": lay["class"], "label": lay["label"]} for lay in layers]
     cfg = run.config
-    measured = [lay for lay in layers if lay["step_ms"] is not None]
+    # The pick's summed time is priced as every assignment is priced from measurement rows (the search's
+    # baselines, compare's regret): None when some layer's configuration was not measured.
+    cost = summed_cost(priced, table)
     totals = {"layers": len(layers), "budget": integer(cfg.get("budget")), "min_fill": num(cfg.get("min_fill")),
               "total_params": integer(cfg.get("total_params")),
               "sum_layer_params": sum(lay["params"] for lay in layers) if all(lay["params"] is not None
                                                                               for lay in layers) else None,
-              "sum_layer_step_ms": sum(lay["step_ms"] for lay in measured) if len(measured) == len(layers) else None,
+              "sum_layer_step_ms": cost.step_ms,
               **{k: num(cfg.get(k)) for k in ("predicted_overhead_ms", "optimum_overhead_ms", "base_step_ms",
                                               "predicted_step_ms", "measured_step_ms", "predicted_mem_mb",
                                               "measured_mem_mb")}}

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .adapters.config import METHODS
+from .adapters.methods import method_names
 from .models import TargetLayer
 from .options import OBJECTIVES, BudgetError
 from .preflight import format_count
@@ -54,7 +54,7 @@ class Option:
 def options_by_shape(frame: pd.DataFrame, *, methods: Sequence[str] | None = None,
                      backends: Sequence[str] | None = None) -> dict[tuple[int, int], list[Option]]:
     """The adapter options of each shape: ok rows of ``methods`` and ``backends``, sorted by params then time."""
-    ok = frame[(frame.status == "ok") & frame.method.isin(list(methods or METHODS))]
+    ok = frame[(frame.status == "ok") & frame.method.isin(list(methods or method_names("adapter")))]
     if backends:
         ok = ok[ok.backend.isin(list(backends))]
     out: dict[tuple[int, int], list[Option]] = {}

@@ -16,7 +16,7 @@ import difflib
 import math
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from .adapters import TRANSFORMS, get_backend
-from .adapters.config import METHODS, LayerConfig
-from .adapters.methods import Method, get_method
+from .adapters.config import LayerConfig
+from .adapters.methods import Method, get_method, method_names
 
 KNOWN_BACKENDS = ("torch", "dense", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -179,7 +179,7 @@ class SearchSpace:
     """A parsed space file. ``block_sizes`` is an explicit tuple, or None to use the [min, max] range."""
 
     source: str
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = field(default_factory=lambda: method_names("adapter"))
     block_size_min: int = 32
     block_size_max: int = 1024
     block_sizes: tuple[int, ...] | None = None
@@ -234,7 +234,7 @@ def parse_space(data: Mapping[str, Any], source: str = "<dict>") -> SearchSpace:
             raise _error(source, "description", f"expected a string, got {_short(data['description'])}")
         kw["description"] = data["description"]
     if "methods" in data:
-        kw["methods"] = _str_list(source, "methods", data["methods"], METHODS)
+        kw["methods"] = _str_list(source, "methods", data["methods"], method_names("adapter"))
     if "transforms" in data:
         kw["transforms"] = _str_list(source, "transforms", data["transforms"], TRANSFORMS)
     if "backends" in data:

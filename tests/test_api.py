@@ -20,10 +20,10 @@ SPACE = 'methods = ["c3a"]\nblock_sizes = [16, 32, 64]\ntransforms = ["rfft"]\nb
 
 
 def test_option_choices_are_the_vocabularies_of_config_and_space():
-    from circtune.adapters.config import METHODS
+    from circtune.adapters.methods import method_names
     from circtune.space import KNOWN_BACKENDS
 
-    assert METHOD_CHOICES == METHODS and BACKEND_CHOICES == KNOWN_BACKENDS
+    assert METHOD_CHOICES == method_names("adapter") and BACKEND_CHOICES == KNOWN_BACKENDS
 
 
 def test_options_are_normalised_and_frozen():

@@ -23,7 +23,6 @@ from .c3a import C3A_INITS
 from .methods import get_method, method_names
 
 FORMAT = "circtune.adapter/1"
-METHODS = method_names("adapter")
 _LAYER_KEYS = ("method", "block_size", "factors", "transform", "backend", "alpha", "init")
 _EXAMPLE = (f'{{"format": "{FORMAT}", "base_model": "...", '
             '"layers": {"<module name>": {"method": "c3a", "block_size": 64}}}')
@@ -82,13 +81,14 @@ def _layer_problems(key: str, raw: Any) -> list[str]:
         return [f"{key}: expected an object with keys {', '.join(_LAYER_KEYS)}, got {type(raw).__name__}"]
     problems = [f"{key}.{k}: unknown key; accepted: {', '.join(_LAYER_KEYS)}" for k in raw if k not in _LAYER_KEYS]
     method = raw.get("method")
-    if method not in METHODS:
-        problems.append(f"{key}.method: {_short(method)} is not a method; accepted: {', '.join(METHODS)}")
+    adapters = method_names("adapter")
+    if method not in adapters:
+        problems.append(f"{key}.method: {_short(method)} is not a method; accepted: {', '.join(adapters)}")
     p = raw.get("block_size")
     if not _is_int(p) or p < 1:
         problems.append(f"{key}.block_size: {_short(p)} is not a positive integer")
     m = raw.get("factors")
-    if method in METHODS:
+    if method in adapters:
         spec = get_method(method)
         if spec.factors and m is not None and (not _is_int(m) or m < spec.min_factors):
             problems.append(f"{key}.factors: {_short(m)} is not valid for {method}; accepted: an integer >= "

@@ -46,7 +46,7 @@ def build_layer(base: nn.Linear, lc: LayerConfig) -> CirculantLinear:
 
 def layer_config(layer: CirculantLinear) -> LayerConfig:
     """The config entry that rebuilds ``layer``."""
-    method = next((m for m in map(get_method, method_names("adapter")) if isinstance(layer, m.layer_class)), None)
+    method = next((m for m in map(get_method, method_names("adapter")) if type(layer) is m.layer_class), None)
     if method is None:
         raise TypeError(f"{type(layer).__name__} is not the layer of a registered adapter method")
     return LayerConfig(method.name, layer.block_size, layer.factors if method.factors else None, layer.transform,

@@ -80,8 +80,9 @@ def test_picks_and_regret_by_hand(folders):
 
 def test_regret_names_configurations_not_measured_on_the_other_device(tmp_path):
     a = write_run(tmp_path / "h100")
-    triton_pick = {**PICK, "lm_head": (Q, {**TORCH32, "backend": "triton"})}
-    b = write_run(tmp_path / "a100", device=A100, pick=triton_pick)
+    triton_pick = {**PICK, "lm_head": (Q, {**TORCH32, "backend": "triton"})}  # measured on B only
+    b = write_run(tmp_path / "a100", device=A100, pick=triton_pick,
+                  extra={Q: {("c3a", "32", "", "", "triton"): (128, 0.5, 0.5, 1.2e6)}})
     ba = {(r["pick_of"], r["on"]): r for r in build_compare_data([a, b])["regret"]}[("B", "A")]
     assert ba["regret_ms"] is None and ba["missing"] == ["lm_head: c3a p=32 triton"]
     assert ba["note"] == "1 layer(s) not measured on A"

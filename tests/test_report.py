@@ -1,21 +1,26 @@
 """The report of a search folder: its data for a fixed measurement table, escaping, offline HTML, the CLI."""
 
 import argparse
-import csv
 import json
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from circtune._io import write_csv_atomic
+from circtune._search import study_directions, trials_frame
 from circtune.adapters.config import AdapterConfig, LayerConfig
+from circtune.capacity import Capacity
 from circtune.measure.store import Measurement, MeasurementKey, to_frame
 from circtune.measure.timing import Spread
+from circtune.models import TargetLayer
+from circtune.pick_files import allocation_frame, front_frame
 from circtune.pipeline import validation_frame
+from circtune.problem import Assignment, Problem, options_by_shape
 from circtune.report.data import FolderError, build_report_data, load_folder, pareto_front, short_modules
 from circtune.report.render import render_html, write_report
 from circtune.space import Candidate
@@ -71,28 +76,32 @@ VALIDATION = [  # deliberately not in display order; the pick is the second best
     _validation("predicted #2", "candidate", 1408, 7.7, 20.0, (8.0, 10.0, 12.0), 520.0),
     _validation("PEFT C3A p=16", "baseline", 1280, None, None, status="failed: out of memory"),
 ]
-FRONT = [  # label, kind, params, step_ms, mem_mb, capacity, picked (the contract's front.csv)
-    ("front 1", "front", 1200, 6.5, 4.0, 0.30, False), ("front 2", "front", 1408, 7.7, 5.2, 0.42, False),
-    ("predicted #2", "candidate", 1408, 7.7, 5.2, 0.42, True),
-    ("predicted #1", "candidate", 1400, 8.0, 5.0, 0.40, False),
-    ("uniform c3a p=32", "baseline", 896, 8.5, 4.4, 0.25, False),
-    ("LoRA r=2", "baseline", 1408, 12.0, 6.0, 0.55, False),
-    ("PEFT C3A p=16", "baseline", 1280, 20.0, 9.0, 0.35, False),
-    ("latency-only optimum", "baseline", 1390, 6.0, 5.0, 0.20, False),
-]
-TRIALS = [  # number, source, label, step_ms, mem_mb, total_params, feasible, pareto
-    (0, "optimum", "exact optimum", 7.7, 5.2, 1408, True, True),
-    (1, "baseline", "uniform c3a p=32", 8.5, 4.4, 896, False, False),
-    (2, "sampler", "", 9.0, 4.9, 1380, True, True),
-    (3, "sampler", "", 9.5, 5.5, 1390, True, False),
-    (4, "sampler", "", 6.0, 5.0, 1600, False, False),
+# front.csv, as the search hands it to its writer: label, params, step_ms, mem_mb, capacity of the exact front's
+# points, of the ranked candidates validation measured (the pick is the second) and of the baselines (in the order
+# pick_files.baseline_rows gives them).
+FRONT = [("front 1", 1200, 6.5, 4.0, 0.30), ("front 2", 1408, 7.7, 5.2, 0.42)]
+CANDIDATES = [("predicted #1", 1400, 8.0, 5.0, 0.40), ("predicted #2", 1408, 7.7, 5.2, 0.42)]
+PICKED = "predicted #2"
+BASELINES = [("uniform c3a p=32", 896, 8.5, 4.4, 0.25), ("PEFT C3A p=16", 1280, 20.0, 9.0, 0.35),
+             ("LoRA r=2", 1408, 12.0, 6.0, 0.55), ("latency-only optimum", 1390, 6.0, 5.0, 0.20)]
+# The calibration's gradient energy of a layer, by its shape (relative: each layer's share is its value over the sum
+# for the pick's layers; PICK's q_proj layers get 280 / 1500 of the budget).
+ENERGY = {Q: 280, UP: 330}
+RFFT16_KEY, RFFT32_KEY = ("c3a", "16", "", "rfft", "torch"), ("c3a", "32", "", "rfft", "torch")
+TRIALS = [  # the study's complete trials: source, label, the layers whose configuration differs from the pick's
+    ("optimum", "exact optimum", {}),  # the pick: 7.7 ms, 1408 parameters
+    ("seed", "uniform c3a p=32", dict.fromkeys(PICK, RFFT32_KEY)),  # faster (7 ms) but under the fill (896)
+    ("sampler", "", {"model.layers.0.attn.q_proj": RFFT16_KEY}),  # slower than the pick, less memory: on the front
+    ("sampler", "", {"model.layers.1.attn.q_proj": ("c3a", "32", "", "fft", "torch")}),  # slower, more memory
+    ("sampler", "", dict.fromkeys(["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"], RFFT16_KEY)),  # 1536
 ]
 
 
 def write_run(folder, *, model="tiny-llama", budget=1500, device=H100, scale=None, pick=PICK, files=None,
               extra=None, failed=FAILED):
-    """A search folder; ``scale`` maps a candidate (method, p, m, transform, backend) to a time factor, ``extra``
-    adds measured rows ({shape: {candidate: (params, step_ms, mem, flops)}})."""
+    """A search folder, every file written by the search's writers; ``scale`` maps a candidate (method, p, m,
+    transform, backend) to a time factor, ``extra`` adds measured rows ({shape: {candidate: (params, step_ms, mem,
+    flops)}}). Every configuration of ``pick`` must be measured ok, as a search picks nothing else."""
     folder.mkdir(parents=True, exist_ok=True)
     files = files or ("profile.json", "trials.csv", "validation.csv", "validated", "front.csv", "allocation.csv")
     layers = {name: cfg for name, (_, cfg) in pick.items()}
@@ -114,7 +123,8 @@ def write_run(folder, *, model="tiny-llama", budget=1500, device=H100, scale=Non
     rows += [(s, k, v, "ok") for s, cands in (extra or {}).items() for k, v in cands.items()]
     rows += [(s, k, (None, None, None, None), why) for s, fails in failed.items() for k, why in fails]
     measurements = [_measurement(device, shape, key, values, status, scale) for shape, key, values, status in rows]
-    write_csv_atomic(to_frame(measurements, model, counts), folder / "measurements.csv")
+    frame = to_frame(measurements, model, counts)
+    write_csv_atomic(frame, folder / "measurements.csv")
     if "profile.json" in files:
         profile = {"model": {"spec": model, "name": model, "targets": [{"name": n, "d_in": s[0], "d_out": s[1]}
                                                                       for n, (s, _) in pick.items()]},
@@ -123,33 +133,82 @@ def write_run(folder, *, model="tiny-llama", budget=1500, device=H100, scale=Non
                    "command": f"circtune profile --model {model}", "measured": 17, "reused": 0, "failed": 1,
                    "excluded": {"64x64": [{"what": "backend=triton", "reason": "triton unavailable"}]}}
         (folder / "profile.json").write_text(json.dumps(profile))
+    # The other files through the search's writers (pipeline._write_outputs), from the search's problem over these
+    # measurements.
+    capacity = Capacity("calibration", _energy(pick))
+    problem = _problem(pick, frame, budget, config["min_fill"], capacity)
+    chosen = [Candidate.from_layer(cfg) for cfg in layers.values()]
     if "trials.csv" in files:
-        with open(folder / "trials.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["number", "state", "source", "label", "step_ms", "mem_mb", "total_params", "feasible",
-                        "pareto"])
-            w.writerows([(n, "COMPLETE", *rest) for n, *rest in TRIALS])
-    if "validation.csv" in files:  # by the search's writer, from validate()'s results
+        write_csv_atomic(trials_frame(problem, _study(problem, chosen)), folder / "trials.csv")
+    if "validation.csv" in files:  # from validate()'s results
         base = next(v for v in VALIDATION if v.label == "no adapter")
         results = VALIDATION if "validated" in files else []
-        write_csv_atomic(validation_frame(results, base, "predicted #2"), folder / "validation.csv")
+        write_csv_atomic(validation_frame(results, base, PICKED), folder / "validation.csv")
     if "front.csv" in files:
-        with open(folder / "front.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["label", "kind", "params", "step_ms", "mem_mb", "capacity", "picked"])
-            w.writerows(FRONT)
+        baselines = [dict(zip(("label", "params", "step_ms", "mem_mb", "capacity"), row, strict=True), kind="baseline",
+                          picked=False) for row in BASELINES]  # as baseline_rows gives them
+        write_csv_atomic(front_frame([_row(*r) for r in FRONT], [(r[0], _row(*r)) for r in CANDIDATES], baselines,
+                                     PICKED), folder / "front.csv")
     if "allocation.csv" in files:
-        with open(folder / "allocation.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["layer", "d_in", "d_out", "method", "block_size", "factors", "backend", "transform", "params",
-                        "share", "window_lo", "window_hi", "energy", "fraction", "capacity"])
-            for name, (shape, cfg) in pick.items():
-                c = Candidate.from_layer(cfg)
-                params = c.params(*shape)
-                w.writerow([name, *shape, c.method, c.block_size, c.factors or "", c.backend, c.transform or "",
-                            params, 280, 140, 560, 0.2, params / (shape[0] * shape[1]),
-                            0.2 * params / (shape[0] * shape[1])])
+        write_csv_atomic(allocation_frame(problem, _assignment(problem, _choice(problem, chosen)), capacity),
+                         folder / "allocation.csv")
     return folder
+
+
+def _row(label, params, step_ms, mem_mb, capacity) -> Assignment:
+    """A point of front.csv: its numbers are the fixture's (which layers it assigns, front.csv does not say)."""
+    return Assignment((), params, step_ms, mem_mb, label, capacity)
+
+
+def _energy(pick) -> dict[str, float]:
+    total = sum(ENERGY[shape] for shape, _ in pick.values())
+    return {name: ENERGY[shape] / total for name, (shape, _) in pick.items()}
+
+
+def _problem(pick, frame, budget, min_fill, capacity) -> Problem:
+    """The search's problem over the pick's layers: each layer's measured adapter options, scored by ``capacity``, as
+    build_problem makes it (without its refusal of a budget these options cannot meet: some fixtures change the
+    budget alone)."""
+    layers = tuple(TargetLayer(name, *shape) for name, (shape, _) in pick.items())
+    by_shape = options_by_shape(frame)
+    options = tuple(tuple(replace(o, capacity=float(capacity.score(t, o.candidate))) for o in by_shape[t.shape])
+                    for t in layers)
+    return Problem(layers, options, budget, min_fill)
+
+
+def _choice(problem, candidates) -> tuple[int, ...]:
+    """Each layer's option index of its candidate; a search picks only configurations measured ok."""
+    choice = []
+    for layer, options, c in zip(problem.layers, problem.options, candidates, strict=True):
+        measured = [o.candidate for o in options]
+        assert c in measured, f"{layer.name}: {c.label} has no ok measurement"
+        choice.append(measured.index(c))
+    return tuple(choice)
+
+
+def _assignment(problem, choice, label="") -> Assignment:
+    return Assignment(choice, *problem.totals(choice), label, problem.capacity(choice))
+
+
+def _study(problem, chosen):
+    """An in-memory study holding :data:`TRIALS` (on the pick ``chosen``) as the search's study records them."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(directions=study_directions(problem))
+    for source, label, changes in TRIALS:
+        cands = [fixture_candidate(changes[t.name]) if t.name in changes else c
+                 for t, c in zip(problem.layers, chosen, strict=True)]
+        a = _assignment(problem, _choice(problem, cands), label)
+        values = [a.step_ms, a.capacity, a.mem_mb][:len(study.directions)]
+        study.add_trial(optuna.trial.create_trial(
+            params={t.name: options[k].label for t, options, k in zip(problem.layers, problem.options, a.choice,
+                                                                       strict=True)},
+            distributions={t.name: optuna.distributions.CategoricalDistribution([o.label for o in options])
+                           for t, options in zip(problem.layers, problem.options, strict=True)},
+            values=values, user_attrs={"source": source, "choice": list(a.choice), **({"label": label} if label
+                                                                                        else {})}))
+    return study
 
 
 NONE = ("none", "", "", "", "")
@@ -274,7 +333,7 @@ def test_bars_order_and_validation(data):
 def test_search_history(data):
     s = data["search"]
     assert s["counts"] == {"trials": 5, "feasible": 3, "pareto": 2, "seeded": 2}
-    assert s["best_so_far"] == [{"number": 0, "step_ms": 7.7}]  # trial 4 is faster but over the budget
+    assert s["best_so_far"] == [{"number": 0, "step_ms": 7.7}]  # trial 1 is faster but under the fill
     assert [t["number"] for t in s["front"]] == [0, 2]
 
 
@@ -416,8 +475,8 @@ def test_front_and_allocation_charts(tmp_path, data):
 
     fig = front_figure(front)
     names = [t.name for t in fig.data]
-    assert names == ["front (exact)", "validated candidates", "uniform c3a p=32", "LoRA r=2", "PEFT C3A p=16",
-                     "latency-only optimum", "pick (predicted #2)"]
+    assert names == ["front (exact)", "validated candidates", "uniform c3a p=32", "PEFT C3A p=16", "LoRA r=2",
+                     "latency-only optimum", "pick (predicted #2)"]  # the baselines in the order the search writes
     assert fig.data[-1].x == (42.0,) and fig.data[-1].y == (7.7,)
     # without the files (an older run): notes instead of charts
     old = build_report_data(load_folder(write_run(tmp_path / "old", files=("profile.json", "validation.csv",

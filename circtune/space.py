@@ -383,14 +383,19 @@ def expand(space: SearchSpace, d_in: int, d_out: int,
 
 
 def lora_rank_for(params: int, d_in: int, d_out: int) -> int:
-    """The LoRA rank whose parameter count ``r·(d_in + d_out)`` is closest to ``params`` (at least 1)."""
-    return max(1, round(params / (d_in + d_out)))
+    """The LoRA rank whose parameter count (``r·(d_in + d_out)``) is closest to ``params`` (at least 1)."""
+    return max(1, round(params / _lora_rank_one(d_in, d_out)))
 
 
 def lora_rank_for_budget(budget: int, shapes: Sequence[tuple[int, int]]) -> int:
     """The search's LoRA baseline: the largest rank whose ``r·Σ(d_in + d_out)`` over every target layer (one
     shape per layer) fits ``budget`` (at least 1)."""
-    return max(1, budget // sum(d_in + d_out for d_in, d_out in shapes))
+    return max(1, budget // sum(_lora_rank_one(d_in, d_out) for d_in, d_out in shapes))
+
+
+def _lora_rank_one(d_in: int, d_out: int) -> int:
+    """LoRA's parameters per unit of rank on a layer (the registry's count, linear in r)."""
+    return get_method("lora").num_params(d_in, d_out, None, 1)
 
 
 def references(candidates: Sequence[Candidate], d_in: int, d_out: int, *, peft: bool,

@@ -22,6 +22,9 @@ for good: every later kernel, even ``torch.cuda.empty_cache()``, raises it again
 recorded with its error. With ``isolate`` the measuring child is replaced and the run goes on; without it,
 :func:`run_profile` stops right after storing that row with :class:`ContextBroken`, whose one-line message says to
 re-run with ``--isolate`` (what is stored is reused), rather than record every later candidate as failed.
+
+A failure's wording in its row and the test for a sticky CUDA error are in :mod:`._failures` (its names stay
+importable from here); this module keeps the state a sticky error leaves.
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ from torch import nn
 from .._signals import check_interrupted, deferred_interrupts, note_kept
 from ..models import ModelInfo
 from ..space import DTYPES, Candidate, Exclusion, SearchSpace, expand, references
+from ._failures import NonFiniteError as NonFiniteError  # not used here: kept importable from this module
+from ._failures import _check_finite, _message, failure_status, is_sticky_cuda_error
 from .flops import count_flops
 from .memory import peak_step_memory
 from .modules import build_module, peft_available
 from .store import Measurement, MeasurementKey, MeasurementStore, this_worker
 from .timing import TimingSettings, run_step, time_step
-from .verify import WrongResultError, check_against_reference
+from .verify import check_against_reference
 
 
 @dataclass(frozen=True)
@@ -107,30 +112,13 @@ def jobs_for(plans: Iterable[ShapePlan], dtypes: Iterable[str]) -> list[Job]:
     return [Job(p.d_in, p.d_out, dtype, c) for dtype in dtypes for p in plans for c in (*p.references, *p.candidates)]
 
 
-class NonFiniteError(RuntimeError):
-    pass
-
-
 class ContextBroken(RuntimeError):
     """This process's CUDA context is broken (a sticky CUDA error): nothing more can run on it."""
 
 
-# How CUDA words the errors that break a context for good (cudaErrorIllegalAddress, cudaErrorLaunchFailure,
-# cudaErrorAssert, ...), through torch ("CUDA error: ...") and through Triton's driver calls ("CUDA_ERROR_...").
-_STICKY_WORDS = ("illegal memory access", "illegal address", "illegal instruction", "unspecified launch failure",
-                 "launch failed", "device-side assert", "misaligned address", "invalid program counter",
-                 "hardware stack error", "uncorrectable ecc", "cuda_error_illegal_address", "cuda_error_launch_failed",
-                 "cuda_error_assert", "cuda_error_misaligned_address", "cuda_error_illegal_instruction")
-
 # Why this process's CUDA context is broken (None while it is not): set by the first sticky error, kept for the
 # process's life, as the broken context is.
 _broken: str | None = None
-
-
-def is_sticky_cuda_error(e: BaseException) -> bool:
-    """Whether ``e`` is a CUDA error that leaves the context broken for every later kernel of the process."""
-    text = str(e).lower()
-    return any(words in text for words in _STICKY_WORDS)
 
 
 def context_broken() -> str | None:
@@ -165,55 +153,6 @@ def release_memory(device: torch.device, failed: bool) -> None:
         gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-# How allocators word running out: CUDA ("CUDA out of memory"), torch's CPU allocator ("DefaultCPUAllocator: can't
-# allocate memory: you tried to allocate N bytes", a plain RuntimeError; older versions "not enough memory"), the OS.
-_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
-
-
-def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, torch.OutOfMemoryError | MemoryError):
-        return True
-    text = str(e).lower()
-    return any(words in text for words in _OOM_WORDS)
-
-
-def _message(e: BaseException) -> str:
-    """The first line of ``e``'s message, at most 300 characters. A Triton ``CompilationError`` starts with a
-    source excerpt (``at 12:4:`` then the kernel's lines) and states the error last: its ``error_message`` is
-    appended, so that the status says what failed."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    detail = getattr(e, "error_message", None)
-    if isinstance(detail, str) and detail.strip():
-        detail = detail.strip().splitlines()[0].strip()
-        if detail not in text:
-            text = f"{text} {detail}" if text else detail
-    return (text or type(e).__name__)[:300]
-
-
-def failure_status(e: BaseException) -> str:
-    """The status of a configuration whose measurement raised ``e``: ``out of memory: ...`` (GPU or CPU),
-    ``non-finite: ...``, ``wrong result: ...`` (a backend that disagrees with the torch backend), or
-    ``error: <exception type>: ...`` (a backend that fails to compile or launch, a sticky CUDA error, ...)."""
-    if isinstance(e, NonFiniteError):
-        return f"non-finite: {_message(e)}"
-    if isinstance(e, WrongResultError):
-        return f"wrong result: {_message(e)}"
-    if _is_oom(e):
-        return f"out of memory: {_message(e)}"
-    return f"error: {type(e).__name__}: {_message(e)}"
-
-
-def _check_finite(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    if not torch.isfinite(y).all():
-        raise NonFiniteError("forward output has NaN/Inf")
-    if x.grad is not None and not torch.isfinite(x.grad).all():
-        raise NonFiniteError("input gradient has NaN/Inf")
-    for name, p in layer.named_parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            raise NonFiniteError(f"gradient of {name} has NaN/Inf")
 
 
 def measure_job(job: Job, settings: ProfileSettings, key: MeasurementKey, device_name: str,

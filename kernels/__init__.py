@@ -9,7 +9,8 @@ module is ever installed.
   backend calls);
 * ``triton_backend``: registers ``backend="triton"`` (imported by circtune.adapters; imports no Triton itself);
 * ``_tuning``: tile configurations, argument checks and the autotune cache.
-* ``_aot``: the ahead-of-time compile check for sm_90 and sm_80 (``python -m circtune.kernels._aot``).
+* ``_aot``: the ahead-of-time compile check for sm_90 and sm_80 (``python -m circtune.kernels._aot``); ``_aot_compile``
+  holds one check and what runs in each of its worker processes.
 
 Nothing here is imported by ``import circtune`` except ``triton_backend``: Triton stays optional.
 """

@@ -62,8 +62,8 @@ import torch
 
 from ._capacity_fit import FIT_SEED, als_cdvft2, diagonal_sums, refine_cdvft
 from .adapters.methods import get_method, method_names
+from .candidate import Candidate
 from .models import TargetLayer
-from .space import Candidate
 
 # ALS for CDVFT m = 2: at most this many sweeps; Adam refinement for m >= 3: this many steps per extra factor pair.
 _ALS_SWEEPS = 15

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from .space import Candidate
+from .candidate import Candidate
 
 Shape = tuple[int, int]
 Table = Mapping[Shape, Mapping[Candidate, Mapping[str, Any]]]

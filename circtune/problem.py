@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 
 from .adapters.methods import method_names
+from .candidate import Candidate
 from .models import TargetLayer
 from .options import OBJECTIVES, BudgetError
 from .preflight import format_count
-from .space import Candidate
 
 if TYPE_CHECKING:
     from .capacity import Capacity

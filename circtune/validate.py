@@ -37,12 +37,12 @@ from torch import nn
 
 from .adapters.config import AdapterConfig
 from .adapters.inject import _set_submodule, apply_adapter
+from .candidate import Candidate
 from .measure import profiler
 from .measure.memory import peak_step_memory
 from .measure.modules import build_module
 from .measure.profiler import NonFiniteError, device_scope, failure_status, is_sticky_cuda_error
 from .measure.timing import Spread, TimingSettings, paired_step_samples
-from .space import Candidate
 
 
 class ModelStep(nn.Module):

@@ -1,4 +1,4 @@
-"""The module to measure for a :class:`~circtune.space.Candidate`, around a frozen ``nn.Linear``: what the method
+"""The module to measure for a :class:`~circtune.candidate.Candidate`, around a frozen ``nn.Linear``: what the method
 registry builds for its method (circtune's adapter layers, or the references: the base layer itself, LoRA, PEFT's
 C3A layer when PEFT is installed)."""
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from ..adapters._references import LoRALinear, peft_available
 from ..adapters.inject import build_layer
-from ..space import Candidate
+from ..candidate import Candidate
 
 
 def build_module(candidate: Candidate, base: nn.Linear) -> nn.Module:

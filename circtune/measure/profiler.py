@@ -39,8 +39,9 @@ import torch
 from torch import nn
 
 from .._signals import check_interrupted, deferred_interrupts, note_kept
+from ..candidate import Candidate
 from ..models import ModelInfo
-from ..space import DTYPES, Candidate, Exclusion, SearchSpace, expand, references
+from ..space import DTYPES, Exclusion, SearchSpace, expand, references
 from ._failures import NonFiniteError as NonFiniteError  # not used here: kept importable from this module
 from ._failures import _check_finite, _message, failure_status, is_sticky_cuda_error
 from .flops import count_flops

@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .._signals import deferred_interrupts
-from ..space import Candidate
+from ..candidate import Candidate
 from . import _claims
 from ._claims import dead_local_worker, this_worker
 from ._database import (

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ..adapters.methods import get_method
-from ..space import Candidate
+from ..candidate import Candidate
 from .folder import RunFolder, flag, integer, num, short_modules, split_layer_name, text
 
 # A predicted whole-model memory further than this from the measured one gets a note.

@@ -17,74 +17,33 @@ configuration can express, ``capacity`` = energy × fraction.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .allocation import BALANCE, layer_energy
-from .cost import ok_table, summed_cost
-from .models import ModelInfo
-from .problem import Assignment, Problem, to_layer_map, uniform_c3a
-from .space import Candidate, lora_rank_for_budget
+from .baselines import Baseline
+from .problem import Assignment, Problem
 
 if TYPE_CHECKING:
     from .capacity import Capacity
 
-FRONT_COLUMNS = ("label", "kind", "params", "step_ms", "mem_mb", "capacity", "picked")
+FRONT_COLUMNS = ("label", "kind", "baseline", "params", "step_ms", "mem_mb", "capacity", "picked")
 ALLOCATION_COLUMNS = ("layer", "d_in", "d_out", "method", "block_size", "factors", "backend", "transform", "params",
                       "share", "window_lo", "window_hi", "energy", "fraction", "capacity")
 
 
-def uniform_baseline(problem: Problem, budget: int) -> Assignment | None:
-    """Every layer C3A at the one block size whose total is the largest within ``budget`` (its fastest path)."""
-    fitting = [u for u in uniform_c3a(problem) if u.params <= budget]
-    return max(fitting, key=lambda u: u.params) if fitting else None
-
-
-def _capacity_of(model: ModelInfo, capacity: Capacity | None, candidate: Candidate) -> float | None:
-    if capacity is None:
-        return None
-    try:
-        return math.fsum(capacity.score(t, candidate) for t in model.targets)
-    except ValueError:  # a block size that does not divide some layer: no such baseline there
-        return None
-
-
-def baseline_rows(model: ModelInfo, full: Problem, frame: pd.DataFrame, budget: int, capacity: Capacity | None,
-                  latency_only: Assignment) -> list[dict]:
-    """The baselines of ``front.csv``: uniform C3A, LoRA at the budget and PEFT's C3A (as validation plans them),
-    and the latency-only optimum of the unrestricted problem ``full``."""
-    table = ok_table(frame)
-
-    def predicted(candidate: Candidate) -> tuple[float | None, float | None]:
-        cost = summed_cost(((t.name, t.shape, candidate) for t in model.targets), table)
-        return (cost.step_ms, cost.mem_mb) if cost.step_ms is not None else (None, None)
-
-    rows = []
-    uniform = uniform_baseline(full, budget)
-    if uniform is not None:
-        (p,) = {o.candidate.block_size for o in to_layer_map(full, uniform).values()}
-        rows.append(_row(f"uniform c3a p={p}", "baseline", uniform))
-        if not frame[frame.method == "peft-c3a"].empty:
-            peft = Candidate("peft-c3a", block_size=p)
-            rows.append({"label": f"PEFT C3A p={p}", "kind": "baseline", "params": uniform.params,
-                         **dict(zip(("step_ms", "mem_mb"), predicted(peft), strict=True)),
-                         "capacity": _capacity_of(model, capacity, peft), "picked": False})
-    rank = lora_rank_for_budget(budget, [t.shape for t in model.targets])
-    lora = Candidate("lora", factors=rank)
-    rows.append({"label": f"LoRA r={rank}", "kind": "baseline",
-                 "params": sum(lora.params(t.d_in, t.d_out) for t in model.targets),
-                 **dict(zip(("step_ms", "mem_mb"), predicted(lora), strict=True)),
-                 "capacity": _capacity_of(model, capacity, lora), "picked": False})
-    rows.append(_row("latency-only optimum", "baseline", latency_only))
-    return rows
+def baseline_rows(baselines: Sequence[Baseline]) -> list[dict]:
+    """The baselines of ``front.csv`` (every one but the frozen model), from the table of
+    :func:`circtune.baselines.whole_model_baselines`."""
+    return [{"label": b.label, "kind": "baseline", "baseline": b.id, "params": b.params, "step_ms": b.step_ms,
+             "mem_mb": b.mem_mb, "capacity": b.capacity, "picked": False} for b in baselines if b.id != "none"]
 
 
 def _row(label: str, kind: str, a: Assignment, picked: bool = False) -> dict:
-    return {"label": label, "kind": kind, "params": a.params, "step_ms": a.step_ms, "mem_mb": a.mem_mb,
-            "capacity": a.capacity, "picked": picked}
+    return {"label": label, "kind": kind, "baseline": None, "params": a.params, "step_ms": a.step_ms,
+            "mem_mb": a.mem_mb, "capacity": a.capacity, "picked": picked}
 
 
 def front_frame(front: Sequence[Assignment], candidates: Sequence[tuple[str, Assignment]], baselines: list[dict],

@@ -29,7 +29,7 @@ from ._search import (
 )
 from .adapters.config import AdapterConfig
 from .allocation import allocate, best_capacity, capacity_front, capacity_pick, eligible, supported_points
-from .cost import ok_table, summed_cost
+from .baselines import VALIDATED, Baseline, whole_model_baselines
 from .measure.store import MeasurementStore, masked_url, this_worker
 from .measure.timing import TimingSettings
 from .models import ModelInfo, build_model
@@ -50,12 +50,12 @@ from .outputs import (
 from .pick_files import allocation_frame, baseline_rows, front_frame
 from .problem import Assignment, Problem, build_problem, exact_optimum, neighbours, to_layer_map, uniform_c3a
 from .report.render import write_report
-from .space import DTYPES, Candidate, lora_rank_for_budget
+from .space import DTYPES, Candidate
 from .validate import Plan, Validation, baseline_plan, candidate_label, candidate_plan, validate, within_noise
 
 # measured_overhead_ms*: the per-pair differences (adapted minus frozen step, timed side by side); overhead_pct: of
 # the frozen model's median step in the same window; within_noise_of_pick: validate.within_noise against the pick.
-VALIDATION_COLUMNS = ("label", "kind", "total_params", "predicted_overhead_ms", "measured_overhead_ms",
+VALIDATION_COLUMNS = ("label", "kind", "baseline", "total_params", "predicted_overhead_ms", "measured_overhead_ms",
                       "measured_overhead_ms_p25", "measured_overhead_ms_p75", "overhead_pct", "within_noise_of_pick",
                       "measured_base_step_ms", "predicted_step_ms", "measured_step_ms", "measured_step_ms_p25",
                       "measured_step_ms_p75", "predicted_mem_mb", "measured_mem_mb", "picked", "status")
@@ -73,32 +73,18 @@ def adapter_config(model: ModelInfo, problem: Problem, a: Assignment, **metadata
     return AdapterConfig(model.name, layers, metadata)
 
 
-def _baseline_prediction(frame: pd.DataFrame, model: ModelInfo, candidate: Candidate) -> tuple[float, float] | None:
-    """Summed added (step_ms, peak_mem_mb) of a baseline on every target layer, if every shape was measured."""
-    cost = summed_cost(((t.name, t.shape, candidate) for t in model.targets), ok_table(frame))
-    return None if cost.step_ms is None else (cost.step_ms, cost.mem_mb)
-
-
-def baseline_plans(model: ModelInfo, problem: Problem, frame: pd.DataFrame, budget: int) -> list[Plan]:
-    """No adapter; LoRA at the budget; PEFT's C3A and circtune's uniform C3A at the largest p-total within it."""
-    names = [layer.name for layer in model.targets]
-    plans = [baseline_plan("no adapter", {}, 0, 0.0, 0.0)]
-    rank = lora_rank_for_budget(budget, [layer.shape for layer in model.targets])
-    lora = {n: Candidate("lora", factors=rank) for n in names}
-    pred = _baseline_prediction(frame, model, lora[names[0]])
-    plans.append(baseline_plan(f"LoRA r={rank}", lora, sum(c.params(layer.d_in, layer.d_out) for c, layer in
-                                                           zip(lora.values(), model.targets, strict=True)),
-                               *(pred or (None, None))))
-    fitting = [u for u in uniform_c3a(problem) if u.params <= budget]
-    if fitting:
-        uniform = max(fitting, key=lambda u: u.params)
-        (p,) = {o.candidate.block_size for o in to_layer_map(problem, uniform).values()}
-        peft = {n: Candidate("peft-c3a", block_size=p) for n in names}
-        pred = _baseline_prediction(frame, model, peft[names[0]])
-        if not frame[frame.method == "peft-c3a"].empty:
-            plans.append(baseline_plan(f"PEFT C3A p={p}", peft, uniform.params, *(pred or (None, None))))
-        plans.append(candidate_plan(f"uniform c3a p={p}", adapter_config(model, problem, uniform), uniform.params,
-                                    uniform.step_ms, uniform.mem_mb, kind="baseline"))
+def baseline_plans(model: ModelInfo, full: Problem, baselines: Sequence[Baseline]) -> list[Plan]:
+    """The validated baselines of the table (:data:`circtune.baselines.VALIDATED`) as plans: references replace
+    each target with their module, adapter assignments are applied as configs (``full``: their problem)."""
+    plans = []
+    for b in baselines:
+        if b.id not in VALIDATED:
+            continue
+        if b.assignment is not None:
+            plans.append(candidate_plan(b.label, adapter_config(model, full, b.assignment), b.params, b.step_ms,
+                                        b.mem_mb, kind="baseline", baseline=b.id))
+        else:
+            plans.append(baseline_plan(b.label, b.layers, b.params, b.step_ms, b.mem_mb, baseline=b.id))
     return plans
 
 
@@ -136,7 +122,7 @@ def validation_frame(results: Sequence[Validation], base: Validation | None, pic
     for v in results:
         own_base = v.base_step.median if v.base_step else base_ms
         added = v.overhead
-        rows.append({"label": v.label, "kind": v.kind, "total_params": v.total_params,
+        rows.append({"label": v.label, "kind": v.kind, "baseline": v.baseline, "total_params": v.total_params,
                      "predicted_overhead_ms": v.predicted_overhead_ms, "measured_overhead_ms": added and added.median,
                      "measured_overhead_ms_p25": added and added.p25, "measured_overhead_ms_p75": added and added.p75,
                      "overhead_pct": v.overhead_pct,
@@ -275,6 +261,8 @@ def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out
     # Measurement may move the pick only among the candidates that meet the capacity rule.
     ruled = max(1, sum(eligible(a, best, tolerance) for a in top))
 
+    baselines = whole_model_baselines(model, choice["full"], here, opts.budget, choice["capacity"],
+                                      choice["latency_only"])
     results: list[Validation] = []
     base = None
     if opts.validate:
@@ -282,12 +270,12 @@ def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out
         net = build_model(model.spec, device=device, dtype=DTYPES[dtype])
         plans = [candidate_plan(candidate_label(i), adapter_config(model, problem, a), a.params, a.step_ms,
                                 a.mem_mb) for i, a in enumerate(top)]
-        plans += baseline_plans(model, choice["full"], here, opts.budget)
+        plans += baseline_plans(model, choice["full"], baselines)
         timing = whole_model_timing(device.type, opts.validate_min_time)
         results = validate(net, [t.name for t in model.targets], plans, batch=batch, seq_len=seq_len,
                            dtype=DTYPES[dtype], timing=timing, progress=opts.progress)
         del net
-        base = next((v for v in results if v.label == "no adapter" and v.step is not None), None)
+        base = next((v for v in results if v.baseline == "none" and v.step is not None), None)
     base_ms = base.step.median if base else None
     measured = {v.label: v for v in results if v.kind == "candidate"}
     index = choose(top[:ruled], measured, opts.objective) if results else 0
@@ -316,8 +304,8 @@ def _write_outputs(opts: SearchOptions, *, model: ModelInfo, info, settings, out
     config = adapter_config(model, problem, pick, **meta)
     config.save(files.config)
     candidates = [(candidate_label(i), a) for i, a in enumerate(top)]
-    baselines = baseline_rows(model, choice["full"], here, opts.budget, choice["capacity"], choice["latency_only"])
-    write_csv_atomic(front_frame(choice["front"], candidates, baselines, candidate_label(index)), files.front)
+    write_csv_atomic(front_frame(choice["front"], candidates, baseline_rows(baselines), candidate_label(index)),
+                     files.front)
     write_csv_atomic(allocation_frame(problem, pick, choice["capacity"]), files.allocation)
     written = [TRIALS_FILE, VALIDATION_FILE, CONFIG_FILE, FRONT_FILE, ALLOCATION_FILE]
     if all(lc.method == "c3a" for lc in config.layers.values()) and _write_peft(config, files.peft):

@@ -84,6 +84,7 @@ class Validation:
     status: str = "ok"
     base_step: Spread | None = None  # the frozen model's step, timed in the same pairs
     overhead: Spread | None = None  # per-pair differences: what the plan adds to the frozen model's step
+    baseline: str | None = None  # a baseline's id (circtune.baselines), None for a candidate
 
     @property
     def overhead_pct(self) -> float | None:
@@ -154,24 +155,32 @@ class Plan:
     total_params: int
     predicted_overhead_ms: float | None = None
     predicted_mem_mb: float | None = None
+    baseline: str | None = None  # a baseline's id (circtune.baselines), None for a candidate
+
+    def result(self, **measured) -> Validation:
+        """This plan's :class:`Validation` with what was measured (or its failed ``status``)."""
+        return Validation(self.label, self.kind, self.total_params, self.predicted_overhead_ms,
+                          self.predicted_mem_mb, baseline=self.baseline, **measured)
 
 
 def candidate_plan(label: str, config: AdapterConfig, total_params: int, predicted_ms: float,
-                   predicted_mem: float, kind: str = "candidate") -> Plan:
+                   predicted_mem: float, kind: str = "candidate", baseline: str | None = None) -> Plan:
     """Apply ``config`` with :func:`circtune.apply_adapter`, as a training script does."""
-    return Plan(label, kind, lambda model: apply_adapter(model, config), total_params, predicted_ms, predicted_mem)
+    return Plan(label, kind, lambda model: apply_adapter(model, config), total_params, predicted_ms, predicted_mem,
+                baseline)
 
 
 def baseline_plan(label: str, layers: Mapping[str, Candidate], total_params: int,
-                  predicted_ms: float | None = None, predicted_mem: float | None = None) -> Plan:
-    """Replace each named ``nn.Linear`` with the baseline module of its candidate (LoRA, PEFT C3A, none)."""
+                  predicted_ms: float | None = None, predicted_mem: float | None = None,
+                  baseline: str | None = None) -> Plan:
+    """Replace each named ``nn.Linear`` with the reference module of its candidate (LoRA, PEFT C3A, none)."""
 
     def apply(model: nn.Module) -> None:
         for name, candidate in layers.items():
             if candidate.method != "none":
                 _set_submodule(model, name, build_module(candidate, model.get_submodule(name)))
 
-    return Plan(label, "baseline", apply, total_params, predicted_ms, predicted_mem)
+    return Plan(label, "baseline", apply, total_params, predicted_ms, predicted_mem, baseline)
 
 
 def _restore(model: nn.Module, originals: Mapping[str, nn.Linear]) -> None:
@@ -200,9 +209,7 @@ def validate(model: nn.Module, targets: Sequence[str], plans: Sequence[Plan], *,
         for plan in bar:
             broken = profiler.context_broken()
             if broken is not None:  # every kernel would raise the sticky error again
-                results.append(Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms,
-                                          plan.predicted_mem_mb, status=f"failed: not run: the CUDA context broke "
-                                                                        f"during {broken}"))
+                results.append(plan.result(status=f"failed: not run: the CUDA context broke during {broken}"))
                 continue
             if x is None:
                 x = torch.randn(batch, seq_len, hidden_size(model), device=device, dtype=dtype, requires_grad=True)
@@ -219,8 +226,7 @@ def _validate_one(model: nn.Module, step_module: ModelStep, plan: Plan, x: torch
         result = _measure_plan(model, step_module, plan, x, grad, timing, originals)
     except Exception as e:  # out of memory, NaN/Inf, a backend that fails to compile or launch, ...
         reason = failure_status(e).removeprefix("error: ")
-        result = Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms,
-                            plan.predicted_mem_mb, status=f"failed: {reason}")
+        result = plan.result(status=f"failed: {reason}")
         if device.type == "cuda" and is_sticky_cuda_error(e):
             profiler._mark_broken(f"{plan.label}: {reason}")
     x.grad = None
@@ -231,8 +237,7 @@ def _validate_one(model: nn.Module, step_module: ModelStep, plan: Plan, x: torch
         reason = failure_status(e).removeprefix("error: ")
         profiler._mark_broken(f"{plan.label}: {reason}")
         if result.status == "ok":
-            result = Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms,
-                                plan.predicted_mem_mb, status=f"failed: {reason}")
+            result = plan.result(status=f"failed: {reason}")
     return result
 
 
@@ -253,5 +258,4 @@ def _measure_plan(model: nn.Module, step_module: ModelStep, plan: Plan, x: torch
             raise NonFiniteError("the model's output has NaN/Inf")
     if not gradient_finite:
         raise NonFiniteError("the input gradient has NaN/Inf")
-    return Validation(plan.label, plan.kind, plan.total_params, plan.predicted_overhead_ms, plan.predicted_mem_mb,
-                      step, mem, base_step=base, overhead=added)
+    return plan.result(step=step, mem_mb=mem, base_step=base, overhead=added)

@@ -14,11 +14,12 @@ import pytest
 from circtune._io import write_csv_atomic
 from circtune._search import study_directions, trials_frame
 from circtune.adapters.config import AdapterConfig, LayerConfig
+from circtune.baselines import Baseline
 from circtune.capacity import Capacity
 from circtune.measure.store import Measurement, MeasurementKey, to_frame
 from circtune.measure.timing import Spread
 from circtune.models import TargetLayer
-from circtune.pick_files import allocation_frame, front_frame
+from circtune.pick_files import allocation_frame, baseline_rows, front_frame
 from circtune.pipeline import validation_frame
 from circtune.problem import Assignment, Problem, options_by_shape
 from circtune.report.data import FolderError, build_report_data, load_folder, pareto_front, short_modules
@@ -57,33 +58,34 @@ H100 = {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "index": 0,
         "properties": {"total_memory_mb": 81559, "sm_count": 132, "power_limit_w": 700},
         "software": {"torch": "2.13.0", "triton": "3.5.0", "circtune": "0.1.0", "python": "3.11.7", "cuda": "12.8"},
         "fingerprint": "aaaa1111aaaa1111"}
-def _validation(label, kind, params, predicted_ms, predicted_mem, added=None, mem=None, status="ok"):
+def _validation(label, kind, params, predicted_ms, predicted_mem, added=None, mem=None, status="ok", baseline=None):
     """A whole-model result as validate() returns it: the frozen step is (99, 100, 101) ms in every plan's pairs,
-    ``added`` the (p25, median, p75) of the per-pair differences."""
+    ``added`` the (p25, median, p75) of the per-pair differences; ``baseline`` the baseline's id."""
     if added is None:
-        return Validation(label, kind, params, predicted_ms, predicted_mem, status=status)
+        return Validation(label, kind, params, predicted_ms, predicted_mem, status=status, baseline=baseline)
     base = Spread(99.0, 100.0, 101.0)
     step = Spread(*(100.0 + a for a in added))
     return Validation(label, kind, params, predicted_ms, predicted_mem, step, mem, status, base_step=base,
-                      overhead=Spread(*added))
+                      overhead=Spread(*added), baseline=baseline)
 
 
 VALIDATION = [  # deliberately not in display order; the pick is the second best predicted (measured faster)
-    _validation("LoRA r=2", "baseline", 1408, None, None, (13.0, 15.0, 17.0), 530.0),
-    _validation("uniform c3a p=32", "baseline", 896, 8.5, 25.0, (9.0, 11.0, 13.0), 515.0),
+    _validation("LoRA r=2", "baseline", 1408, None, None, (13.0, 15.0, 17.0), 530.0, baseline="lora"),
+    _validation("uniform c3a p=32", "baseline", 896, 8.5, 25.0, (9.0, 11.0, 13.0), 515.0, baseline="uniform-c3a"),
     _validation("predicted #1", "candidate", 1400, 8.0, 22.0, (11.0, 13.0, 15.0), 512.0),
-    _validation("no adapter", "baseline", 0, 0.0, 0.0, (-1.0, 0.0, 1.0), 480.0),
+    _validation("no adapter", "baseline", 0, 0.0, 0.0, (-1.0, 0.0, 1.0), 480.0, baseline="none"),
     _validation("predicted #2", "candidate", 1408, 7.7, 20.0, (8.0, 10.0, 12.0), 520.0),
-    _validation("PEFT C3A p=16", "baseline", 1280, None, None, status="failed: out of memory"),
+    _validation("PEFT C3A p=16", "baseline", 1280, None, None, status="failed: out of memory", baseline="peft-c3a"),
 ]
 # front.csv, as the search hands it to its writer: label, params, step_ms, mem_mb, capacity of the exact front's
-# points, of the ranked candidates validation measured (the pick is the second) and of the baselines (in the order
-# pick_files.baseline_rows gives them).
+# points, of the ranked candidates validation measured (the pick is the second) and of the baselines (id first, in
+# the order of circtune.baselines' table).
 FRONT = [("front 1", 1200, 6.5, 4.0, 0.30), ("front 2", 1408, 7.7, 5.2, 0.42)]
 CANDIDATES = [("predicted #1", 1400, 8.0, 5.0, 0.40), ("predicted #2", 1408, 7.7, 5.2, 0.42)]
 PICKED = "predicted #2"
-BASELINES = [("uniform c3a p=32", 896, 8.5, 4.4, 0.25), ("PEFT C3A p=16", 1280, 20.0, 9.0, 0.35),
-             ("LoRA r=2", 1408, 12.0, 6.0, 0.55), ("latency-only optimum", 1390, 6.0, 5.0, 0.20)]
+BASELINES = [("lora", "LoRA r=2", 1408, 12.0, 6.0, 0.55), ("peft-c3a", "PEFT C3A p=16", 1280, 20.0, 9.0, 0.35),
+             ("uniform-c3a", "uniform c3a p=32", 896, 8.5, 4.4, 0.25),
+             ("latency-only", "latency-only optimum", 1390, 6.0, 5.0, 0.20)]
 # The calibration's gradient energy of a layer, by its shape (relative: each layer's share is its value over the sum
 # for the pick's layers; PICK's q_proj layers get 280 / 1500 of the budget).
 ENERGY = {Q: 280, UP: 330}
@@ -145,8 +147,7 @@ def write_run(folder, *, model="tiny-llama", budget=1500, device=H100, scale=Non
         results = VALIDATION if "validated" in files else []
         write_csv_atomic(validation_frame(results, base, PICKED), folder / "validation.csv")
     if "front.csv" in files:
-        baselines = [dict(zip(("label", "params", "step_ms", "mem_mb", "capacity"), row, strict=True), kind="baseline",
-                          picked=False) for row in BASELINES]  # as baseline_rows gives them
+        baselines = baseline_rows([Baseline(*row) for row in BASELINES])
         write_csv_atomic(front_frame([_row(*r) for r in FRONT], [(r[0], _row(*r)) for r in CANDIDATES], baselines,
                                      PICKED), folder / "front.csv")
     if "allocation.csv" in files:
@@ -262,7 +263,7 @@ def test_pareto_front_per_shape(data):
         ("c3a p=32 rfft/torch", 256, 2.0), ("cdvft p=32 m=2 rfft/torch", 448, 2.1), ("c3a p=16 rfft/torch", 512, 3.0)]
     q = shapes[Q]
     assert q["layers"] == 3 and q["base"]["step_ms"] == 10.0
-    assert {p["label"] for p in q["baselines"]} == {"lora r=2", "peft-c3a p=16"}
+    assert {p["label"] for p in q["references"]} == {"lora r=2", "peft-c3a p=16"}
     # the pick uses dense p=16 once and p=32 rfft/torch twice (layer 1 and lm_head) on 64x64
     assert {p["label"]: p["picked_layers"] for p in q["candidates"]} == {
         "c3a p=32 rfft/torch": 2, "c3a p=32 fft/torch": 0, "c3a p=16 rfft/torch": 0, "c3a p=16 dense": 1,
@@ -475,7 +476,7 @@ def test_front_and_allocation_charts(tmp_path, data):
 
     fig = front_figure(front)
     names = [t.name for t in fig.data]
-    assert names == ["front (exact)", "validated candidates", "uniform c3a p=32", "PEFT C3A p=16", "LoRA r=2",
+    assert names == ["front (exact)", "validated candidates", "LoRA r=2", "PEFT C3A p=16", "uniform c3a p=32",
                      "latency-only optimum", "pick (predicted #2)"]  # the baselines in the order the search writes
     assert fig.data[-1].x == (42.0,) and fig.data[-1].y == (7.7,)
     # without the files (an older run): notes instead of charts
@@ -521,7 +522,7 @@ def test_memory_and_noise_checks():
              {"label": "b", "measured_step_ms_p25": 95.0, "measured_step_ms": 100.0, "measured_step_ms_p75": 105.0}]
     lora = [{"label": f"lora r={r}", "method": "lora", "factors": r, "variant": "", "params": 100 * r,
              "step_ms": ms} for r, ms in ((1, 2.0), (2, 2.2), (3, 77.9), (4, 2.4), (5, 2.5))]
-    flagged = noisy(steps, [{"d_in": 64, "d_out": 64, "candidates": [], "baselines": lora}])
+    flagged = noisy(steps, [{"d_in": 64, "d_out": 64, "candidates": [], "references": lora}])
     assert flagged == ["whole model, a: step 100 ms with p25–p75 90–120 ms (spread 30 % of the median)",
                        "64 × 64, lora r=3: 77.9 ms against 2.2 and 2.4 ms for its neighbours lora r=2 and lora r=4"]
 

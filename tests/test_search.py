@@ -179,6 +179,11 @@ def test_search_end_to_end_on_a_tiny_model(tmp_path, capsys):
     validation = pd.read_csv(out / "validation.csv")
     assert validation.picked.sum() == 1 and "no adapter" in set(validation.label)
     assert "predicted #1" in set(validation.label) and set(validation.status) == {"ok"}
+    # each baseline row names its baseline (circtune.baselines), the report matches on that, not on the label
+    named = validation[validation.kind == "baseline"]
+    assert list(named.baseline) == ["none", "lora", "peft-c3a", "uniform-c3a"]
+    assert named.label.tolist()[0] == "no adapter" and named.label.tolist()[3].startswith("uniform c3a p=")
+    assert validation[validation.kind == "candidate"].baseline.isna().all()
     assert meta["pick_label"] in set(validation.label[validation.picked]) and meta["measured_overhead_ms"] is not None
     # The same command again: the study is complete and its outputs are written, so nothing is redone.
     written = (out / "adapter_config.json").read_bytes()
@@ -212,9 +217,10 @@ def test_search_writes_the_front_and_the_allocation(tmp_path, capsys):
     picked = front[front.picked].iloc[0]
     assert picked.kind == "candidate" and picked.label == "predicted #1"  # --no-validate: the rule's pick
     assert not _dominated(front[front.kind == "front"])
-    baselines = set(front[front.kind == "baseline"].label)
-    assert {"latency-only optimum", "uniform c3a p=16", "PEFT C3A p=16"} <= baselines
-    assert any(label.startswith("LoRA r=") for label in baselines)
+    baselines = front[front.kind == "baseline"]
+    assert list(baselines.baseline) == ["lora", "peft-c3a", "uniform-c3a", "latency-only"]
+    assert baselines.label.tolist()[1:] == ["PEFT C3A p=16", "uniform c3a p=16", "latency-only optimum"]
+    assert baselines.label.tolist()[0].startswith("LoRA r=")
     assert meta["allocation"] == "balanced" and meta["capacity_source"] == "uniform" and meta["calibration"] is None
     assert meta["capacity_tolerance"] == 0.05 and meta["capacity"] == pytest.approx(picked.capacity, rel=1e-5)
     assert meta["capacity"] >= 0.95 * meta["capacity_best"] - 1e-12

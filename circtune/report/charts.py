@@ -190,7 +190,7 @@ def _method_traces(fig: go.Figure, shape: Mapping[str, Any], y: str) -> None:
     references (the base layer is no point: every time is added over it) under their titles."""
     for name in method_names():
         spec = get_method(name)
-        pts = [p for p in shape["candidates" if spec.is_adapter else "baselines"]
+        pts = [p for p in shape["candidates" if spec.is_adapter else "references"]
                if p["method"] == name and p[y] is not None]
         if pts and spec.expresses != "nothing":
             colour, _, symbol = method_style(name)

@@ -16,13 +16,15 @@ from typing import Any
 
 import pandas as pd
 
+from ..adapters.methods import method_names
+from ..baselines import BASELINE_IDS
+from ..candidate import Candidate
 from ..cost import ok_table, summed_cost
-from ..space import Candidate
 from . import verdict
 from .folder import (  # noqa: F401  (FolderError, load_folder, short_modules: this module's public names too)
-    ADAPTERS,
     FolderError,
     RunFolder,
+    baseline_id,
     flag,
     integer,
     layer_candidate,
@@ -38,7 +40,6 @@ from .folder import (  # noqa: F401  (FolderError, load_folder, short_modules: t
 )
 
 _VARIANT_ORDER = ("rfft/torch", "fft/torch", "dft/torch", "dense", "triton")
-_BASELINE_ORDER = ("no adapter", "lora", "peft", "uniform")
 
 
 def pareto_front(points: Sequence[Mapping[str, Any]], x: str = "params", y: str = "step_ms") -> list[dict]:
@@ -118,7 +119,7 @@ def _pick(run: RunFolder, table, shapes) -> dict[str, Any]:
                                               "block_size": lay["block_size"], "layers": 0, "params": 0})
         k["layers"] += 1
         k["params"] = None if k["params"] is None or lay["params"] is None else k["params"] + lay["params"]
-    order = {m: i for i, m in enumerate(ADAPTERS)}
+    order = {m: i for i, m in enumerate(method_names("adapter"))}
     by_class = sorted(classes.values(), key=lambda k: (order.get(k["method"], 9), k["block_size"] or 0))
     cells = [{"x": "–" if lay["index"] is None else str(lay["index"]), "y": lay["module"], "name": lay["name"],
               "class": lay["class"], "label": lay["label"]} for lay in layers]
@@ -143,9 +144,10 @@ def _pick(run: RunFolder, table, shapes) -> dict[str, Any]:
                     "classes": by_class}}
 
 
-def _baseline_rank(label: str) -> int:
-    low = label.lower()
-    return next((i for i, k in enumerate(_BASELINE_ORDER) if low.startswith(k)), len(_BASELINE_ORDER))
+def _baseline_rank(row: Mapping[str, Any]) -> int:
+    """Baselines in the table's order (unknown ones last)."""
+    i = baseline_id(row)
+    return BASELINE_IDS.index(i) if i in BASELINE_IDS else len(BASELINE_IDS)
 
 
 def _bars(run: RunFolder, notes: list[str]) -> list[dict[str, Any]]:
@@ -159,15 +161,15 @@ def _bars(run: RunFolder, notes: list[str]) -> list[dict[str, Any]]:
         bars = [{"label": "pick", "kind": "candidate", "picked": True, "status": "ok",
                  **{c: num(cfg.get(c)) for c in cols}}]
         if num(cfg.get("base_step_ms")) is not None:
-            bars.append({"label": "no adapter", "kind": "baseline", "picked": False, "status": "ok",
+            bars.append({"label": "no adapter", "kind": "baseline", "baseline": "none", "picked": False, "status": "ok",
                          **{c: None for c in cols}, "total_params": 0.0, "measured_step_ms": num(cfg["base_step_ms"])})
         return bars
     rows = []
     for i, row in enumerate(run.validation.to_dict("records")):
         label, kind = text(row.get("label")), text(row.get("kind")) or "candidate"
         rows.append((kind != "candidate", not flag(row.get("picked")),
-                     _baseline_rank(label) if kind != "candidate" else 0, i,
-                     {"label": label, "kind": kind, "picked": flag(row.get("picked")),
+                     _baseline_rank(row) if kind != "candidate" else 0, i,
+                     {"label": label, "kind": kind, "baseline": baseline_id(row), "picked": flag(row.get("picked")),
                       "status": text(row.get("status")) or "ok", **{c: num(row.get(c)) for c in cols},
                       "within_noise_of_pick": None if text(row.get("within_noise_of_pick")) in ("", "nan")
                       else flag(row.get("within_noise_of_pick"))}))
@@ -186,7 +188,7 @@ def _landscape(frame: pd.DataFrame, table, picked: dict[tuple[int, int], dict[st
         base = next((r for c, r in rows.items() if c.method == "none"), None)
         base_flops = num(base.get("flops_fwd_bwd")) if base else None
         chosen = picked.get(shape, {})
-        points, baselines = [], []
+        points, references = [], []
         for c, r in sorted(rows.items(), key=lambda kv: (num(kv[1]["params"]) or 0, kv[0].label)):
             flops = num(r.get("flops_fwd_bwd"))
             pt = {"label": c.label, "method": c.method, "block_size": c.block_size, "factors": c.factors,
@@ -197,10 +199,10 @@ def _landscape(frame: pd.DataFrame, table, picked: dict[tuple[int, int], dict[st
                   "mem_mb": num(r.get("peak_mem_mb")),
                   "flops_added": None if flops is None else flops - (base_flops or 0.0),
                   "picked_layers": chosen.get(c.label, 0)}
-            if c.method in ADAPTERS:
+            if c.method in method_names("adapter"):
                 points.append(pt)
-            elif c.method != "none":
-                baselines.append(pt)
+            elif c.method != "none":  # the base layer is every other row's reference, not a point
+                references.append(pt)
         timed = [p for p in points if p["flops_added"] is not None and p["step_ms"] is not None]
         fewest = min(timed, key=lambda p: (p["flops_added"], p["step_ms"]), default=None)
         fastest = min(timed, key=lambda p: (p["step_ms"], p["flops_added"]), default=None)
@@ -211,7 +213,7 @@ def _landscape(frame: pd.DataFrame, table, picked: dict[tuple[int, int], dict[st
             "key": key, "d_in": shape[0], "d_out": shape[1], "layers": integer(layers.iloc[0]) if len(layers) else None,
             "base": None if base is None else {k: num(base.get(k)) for k in ("step_ms", "fwd_ms", "bwd_ms",
                                                                                "peak_mem_mb", "flops_fwd_bwd")},
-            "candidates": points, "baselines": baselines, "pareto": pareto_front(points),
+            "candidates": points, "references": references, "pareto": pareto_front(points),
             "flops": {"spearman": _spearman([p["flops_added"] for p in timed], [p["step_ms"] for p in timed]),
                       "fewest": fewest and {k: fewest[k] for k in ("label", "flops_added", "step_ms")},
                       "fastest": fastest and {k: fastest[k] for k in ("label", "flops_added", "step_ms")},

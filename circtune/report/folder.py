@@ -1,7 +1,7 @@
 """Loading one ``circtune search`` folder for the report and ``circtune compare``: the files, checked and
 normalised, and the small readers both use (numbers, candidates, layer names, the run's measurement rows).
 
-Units follow ``measurements.csv``: for adapters and the LoRA / PEFT baselines, times (ms) and memory (MiB) are what
+Units follow ``measurements.csv``: for adapters and the LoRA / PEFT references, times (ms) and memory (MiB) are what
 a layer *adds* to its frozen base layer's training step; the ``none`` rows are the base layer's absolute cost.
 """
 
@@ -32,7 +32,10 @@ REQUIRED_FILES = (CONFIG_FILE, MEASUREMENTS_FILE)
 # the files, which is fine; a file without these columns is not one the report can read).
 OPTIONAL_COLUMNS = {FRONT_FILE: ("label", "kind", "step_ms", "capacity", "picked"),
                     ALLOCATION_FILE: ("layer", "params", "share", "window_lo", "window_hi", "capacity")}
-ADAPTERS = ("c3a", "cdvft")
+# Baselines named by their label's start, in folders written before validation.csv and front.csv had a
+# ``baseline`` column (see baseline_id).
+_LEGACY_BASELINES = {"no adapter": "none", "lora": "lora", "peft": "peft-c3a", "uniform": "uniform-c3a",
+                     "latency-only": "latency-only"}
 _REQUIRED_COLUMNS = ("d_in", "d_out", "method", "block_size", "factors", "transform", "backend", "params", "step_ms",
                      "status")
 _NUMERIC = ("d_in", "d_out", "tokens", "block_size", "factors", "params", "fwd_ms", "bwd_ms", "step_ms", "step_ms_p25",
@@ -136,6 +139,18 @@ def flag(v: Any) -> bool:
 
 def text(v: Any) -> str:
     return "" if v is None or isinstance(v, float) and math.isnan(v) else str(v)
+
+
+def baseline_id(row: Mapping[str, Any]) -> str | None:
+    """The baseline id (:data:`circtune.baselines.BASELINE_IDS`) of a validation.csv or front.csv row; None for a
+    candidate or a front point. Read from the ``baseline`` column; from the label only in older folders."""
+    if text(row.get("kind")) != "baseline":
+        return None
+    given = text(row.get("baseline")).strip()
+    if given:
+        return given
+    low = text(row.get("label")).lower()
+    return next((i for prefix, i in _LEGACY_BASELINES.items() if low.startswith(prefix)), None)
 
 
 def row_candidate(row: Mapping[str, Any]) -> Candidate:

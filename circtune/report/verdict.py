@@ -25,7 +25,7 @@ MEMORY_TOLERANCE = 0.20
 NOISY_SPREAD = 0.15
 # A per-layer measurement more than this many times above (or below) both neighbours in its family is flagged.
 OUTLIER_FACTOR = 3.0
-_COMPARED = ("lora", "peft", "uniform")  # label prefixes of the baselines the verdict names, in its order
+_COMPARED = ("lora", "peft-c3a", "uniform-c3a")  # the baselines the verdict names (circtune.baselines ids), in order
 
 
 def _varies_in_factors(method: str) -> bool:
@@ -118,7 +118,7 @@ def verdict(run: RunFolder, bars: Sequence[Mapping[str, Any]]) -> dict[str, Any]
         out["why_not"] = ("validation was skipped (--no-validate): nothing was measured on the whole model"
                           if run.validation is not None else "this folder has no validation.csv")
         return out
-    base = next((b for b in bars if b["label"] == "no adapter" and b.get("measured_step_ms") is not None), None)
+    base = next((b for b in bars if b.get("baseline") == "none" and b.get("measured_step_ms") is not None), None)
     pick_row = next((b for b in bars if b["picked"]), None)
     if pick_row is None or pick_row.get("measured_step_ms") is None:
         out["why_not"] = "the pick's whole-model step was not measured" + (
@@ -130,8 +130,8 @@ def verdict(run: RunFolder, bars: Sequence[Mapping[str, Any]]) -> dict[str, Any]
                    or out["predicted_ms"], "params": pick_row.get("total_params")}
     if base is not None and base.get("measured_overhead_ms") is not None:
         out["floor"] = {"ms": base["measured_overhead_ms"], "interval": _interval(base)}
-    for prefix in _COMPARED:
-        for row in (b for b in bars if b["kind"] == "baseline" and b["label"].lower().startswith(prefix)):
+    for baseline in _COMPARED:
+        for row in (b for b in bars if b.get("baseline") == baseline):
             a = _added(row, base)
             out["comparisons"].append({
                 "label": row["label"], "status": row["status"], "ms": a["ms"], "interval": a["interval"],
@@ -176,7 +176,7 @@ def noisy(bars: Sequence[Mapping[str, Any]], shapes: Sequence[Mapping[str, Any]]
                        f"(spread {100 * (hi - lo) / mid:.0f} % of the median)")
     for s in shapes:
         families: dict[tuple, list] = {}  # what varies within a family: LoRA's rank, the block size otherwise
-        for pt in list(s["candidates"]) + list(s["baselines"]):
+        for pt in list(s["candidates"]) + list(s["references"]):
             if pt["step_ms"] is not None and pt["params"] is not None:
                 key = (pt["method"], pt.get("variant"), None if _varies_in_factors(pt["method"]) else pt["factors"])
                 families.setdefault(key, []).append(pt)

@@ -189,7 +189,7 @@ def profile_to_folder(opts: ProfileOptions, command: str, **prepare_kw) -> Profi
     model, info, settings, space, store, plans = p.model, p.info, p.settings, p.space, p.store, p.plans
     n_cand = sum(len(s.candidates) + len(s.references) for s in plans) * len(settings.dtypes)
     print(f"profiling {model.name}: {len(model.targets)} target layers, {len(plans)} unique shapes, "
-          f"{n_cand} configurations (candidates + baselines) on {info.name}"
+          f"{n_cand} configurations (candidates + references) on {info.name}"
           f"{f' ({torch.get_num_threads()} threads)' if info.kind == 'cpu' else ''}; "
           f"{settings.tokens} tokens, {', '.join(settings.dtypes)}; space: {space.source}", file=sys.stderr)
     try:

@@ -40,7 +40,8 @@ def add_model_arguments(p: argparse.ArgumentParser, tokens_default: str = "512 o
     timing.add_argument("--min-time", type=float, help="keep timing until this many seconds passed (CPU 0.75, GPU 0.5)")
     p.add_argument("--lora-ranks", type=int, nargs="+", default=[], metavar="R",
                    help="LoRA ranks to measure besides the ones matching each candidate's parameter count")
-    p.add_argument("--no-peft", action="store_true", help="skip the PEFT C3A baseline")
+    p.add_argument("--no-peft", action="store_true",
+                   help="skip PEFT's C3A (its per-layer reference and the whole-model baseline)")
     p.add_argument("--retry-failed", action="store_true", help="measure failed rows of the store again")
     p.add_argument("--claim-timeout", type=float, default=900.0, metavar="SECONDS",
                    help="with several workers on one store: take over a job another worker claimed this long ago "

@@ -214,7 +214,7 @@ def render_compare_html(data: Mapping[str, Any], plotlyjs: str = "inline") -> st
         geo = ", ".join(f"{r['tag']}/A {g:.3g}×" for r, g in zip(runs[1:], s["geomean"][1:], strict=True)
                         if g is not None)
         body += [f"<h3>{esc(s['d_in'])} × {esc(s['d_out'])}</h3>",
-                 f"<p>geometric mean over adapters and LoRA/PEFT baselines: {esc(geo or '–')}"
+                 f"<p>geometric mean over adapters and the LoRA/PEFT references: {esc(geo or '–')}"
                  + (f"; {s['no_ratio']} candidate(s) without a ratio (an added time at or below zero is within the "
                     "timing noise)" if s["no_ratio"] else "") + "</p>",
                  figure(ratio_figure(s, runs), f"ratio-{i}", 460),

@@ -72,6 +72,8 @@ def model_spec(given: str | None, config) -> str:
 def _weights_mismatch(stored, config, prefix: str = "") -> list[str]:
     """Layers whose stored weights were trained under settings other than the config's (the file may name them
     under the task model's ``prefix``)."""
+    from ..adapters.methods import get_method
+
     problems = []
     for name, lc in config.layers.items():
         other = stored.layers.get(name) or stored.layers.get(prefix + name)
@@ -79,8 +81,8 @@ def _weights_mismatch(stored, config, prefix: str = "") -> list[str]:
             continue  # load_adapter reports the missing tensors
         for field in _WEIGHT_FIELDS:
             mine, theirs = getattr(lc, field), getattr(other, field)
-            if field == "alpha" and lc.method != "cdvft":
-                continue  # c3a has no alpha
+            if field == "alpha" and "alpha" not in get_method(lc.method).options:
+                continue  # a method without alpha (C3A)
             if mine != theirs:
                 problems.append(f"layers[{name!r}].{field}: the weights were saved with {theirs!r}, the config "
                                 f"says {mine!r}")

@@ -10,7 +10,8 @@ HELP = "rebuild the HTML report (report.html) of a circtune search folder"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR", help="a circtune search output folder (adapter_config.json, "
-                   "measurements.csv, and optionally profile.json, trials.csv, validation.csv)")
+                   "measurements.csv, and optionally profile.json, trials.csv, validation.csv, front.csv, "
+                   "allocation.csv)")
     p.add_argument("-o", "--out", default=None, help="the HTML file to write (default: DIR/report.html); an existing "
                    "file is replaced only when it is a circtune report page")
     p.add_argument("--plotlyjs", choices=("inline", "cdn"), default="inline",

@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..adapters.methods import get_method
 from ..candidate import Candidate
+from ..outputs import CONFIG_FILE
 from .folder import RunFolder, flag, integer, num, short_modules, split_layer_name, text
 
 # A predicted whole-model memory further than this from the measured one gets a note.
@@ -109,7 +110,7 @@ def verdict(run: RunFolder, bars: Sequence[Mapping[str, Any]]) -> dict[str, Any]
         picked = [num(r.get("capacity")) for r in run.front.to_dict("records") if flag(r.get("picked"))]
         pick_capacity = picked[0] if picked and picked[0] is not None else pick_capacity
     out: dict[str, Any] = {
-        "apply": f'model = circtune.apply_adapter(model, "{run.path.rstrip("/")}/adapter_config.json")',
+        "apply": f'model = circtune.apply_adapter(model, "{run.path.rstrip("/")}/{CONFIG_FILE}")',
         "capacity_source": text(cfg.get("capacity_source")) or None, "pick_capacity": pick_capacity,
         "predicted_ms": num(cfg.get("predicted_overhead_ms")), "total_params": integer(cfg.get("total_params")),
         "budget": integer(cfg.get("budget")), "validated": False, "pick": None, "comparisons": [], "floor": None}

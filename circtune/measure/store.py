@@ -39,8 +39,9 @@ from ._database import (
 from .timing import Spread
 
 # The names other modules import from here; the database set-up and the claims live in private modules.
-__all__ = ["CSV_COLUMNS", "EXTRA_COLUMNS", "Measurement", "MeasurementKey", "MeasurementStore", "dead_local_worker",
-           "masked_url", "sqlite_immediate_transactions", "sqlite_pragmas", "storage_url", "this_worker", "to_frame"]
+__all__ = ["CSV_COLUMNS", "EXTRA_COLUMNS", "TEXT_COLUMNS", "Measurement", "MeasurementKey", "MeasurementStore",
+           "dead_local_worker", "masked_url", "sqlite_immediate_transactions", "sqlite_pragmas", "storage_url",
+           "this_worker", "to_frame"]
 
 CSV_COLUMNS = ("model", "d_in", "d_out", "tokens", "dtype", "method", "block_size", "factors", "transform",
                "backend", "params", "fwd_ms", "bwd_ms", "step_ms", "step_ms_p25", "step_ms_p75", "peak_mem_mb",
@@ -50,6 +51,9 @@ CSV_COLUMNS = ("model", "d_in", "d_out", "tokens", "dtype", "method", "block_siz
 # added ones came from, and the spread of forward and backward.
 EXTRA_COLUMNS = ("layers", "fwd_ms_p25", "fwd_ms_p75", "bwd_ms_p25", "bwd_ms_p75", "step_ms_total",
                  "base_step_ms", "peak_mem_mb_total", "reps")
+# The columns of both that hold text; every other one is a number (blank where absent).
+TEXT_COLUMNS = ("model", "dtype", "method", "transform", "backend", "status", "device_name", "device_fingerprint",
+                "torch_version", "triton_version", "circtune_version", "timestamp")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..measure.store import CSV_COLUMNS, EXTRA_COLUMNS, TEXT_COLUMNS
 from ..outputs import (
     ALLOCATION_FILE,
     CONFIG_FILE,
@@ -36,10 +37,11 @@ OPTIONAL_COLUMNS = {FRONT_FILE: ("label", "kind", "step_ms", "capacity", "picked
 # ``baseline`` column (see baseline_id).
 _LEGACY_BASELINES = {"no adapter": "none", "lora": "lora", "peft": "peft-c3a", "uniform": "uniform-c3a",
                      "latency-only": "latency-only"}
+# What the report reads of measurements.csv (the store's schema, circtune.measure.store): the candidate key, the
+# parameters and the time are required; text and number columns are told apart as the store writes them.
 _REQUIRED_COLUMNS = ("d_in", "d_out", "method", "block_size", "factors", "transform", "backend", "params", "step_ms",
                      "status")
-_NUMERIC = ("d_in", "d_out", "tokens", "block_size", "factors", "params", "fwd_ms", "bwd_ms", "step_ms", "step_ms_p25",
-            "step_ms_p75", "peak_mem_mb", "flops_fwd", "flops_fwd_bwd", "layers", "reps")
+_NUMERIC = tuple(c for c in CSV_COLUMNS + EXTRA_COLUMNS if c not in TEXT_COLUMNS)
 # Backends in the order a reader expects them side by side; others follow alphabetically.
 
 
@@ -85,7 +87,7 @@ def normalise_measurements(frame: pd.DataFrame, source: str = MEASUREMENTS_FILE)
     if missing:
         raise FolderError(f"{source}: missing column(s) {', '.join(missing)}")
     out = frame.copy()
-    for col in ("model", "dtype", "method", "transform", "backend", "status", "device_name", "device_fingerprint"):
+    for col in TEXT_COLUMNS:
         if col in out.columns:
             out[col] = out[col].fillna("").astype(str)
     for col in _NUMERIC:

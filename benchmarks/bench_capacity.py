@@ -231,7 +231,8 @@ def profile_frame(out: Path, threads: int, progress: bool) -> pd.DataFrame:
 
 def latency_allocations(layers, frame: pd.DataFrame, budget: int, min_fill: float) -> list[Allocation]:
     """The latency-only optimum and uniform C3A at the smallest block size whose total fits the budget."""
-    from circtune.problem import build_problem, exact_optimum, uniform_c3a
+    from circtune.exact import exact_optimum, uniform_c3a
+    from circtune.problem import build_problem
 
     problem = build_problem(layers, frame, budget, min_fill)
     out = [_from_assignment("latency-only", problem, exact_optimum(problem))]

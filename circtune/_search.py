@@ -5,7 +5,7 @@ A multi-objective Optuna study — predicted added step time (down), captured ca
 ``trial.set_constraint``, Optuna 5's way — starts from enqueued trials: the exact capacity pick
 (:func:`~circtune.allocation.capacity_pick`), points of the exact time-versus-capacity front, the pick's one-layer
 neighbours and the uniform-C3A assignments, and then lets TPE or NSGA-II explore. A proposal is first moved into
-the budget window by :func:`~circtune.problem.repair` (random per-layer picks almost never land in it); the
+the budget window by :func:`~circtune.exact.repair` (random per-layer picks almost never land in it); the
 problem's options are already cut to the balance windows (:func:`~circtune.allocation.allocate`), so a repaired
 assignment obeys them too. The repaired assignment is what the trial records and is scored on. The study lives in
 the same database as the measurements and resumes by name. :func:`ranked_assignments` orders the feasible trials
@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .problem import Assignment, Problem, _assignment, pick_order, repair
+from .exact import repair
+from .problem import Assignment, Problem, _assignment, pick_order
 
 # Seeds of these sources are enqueued once per study (by label).
 SEEDED = ("optimum", "front", "seed")

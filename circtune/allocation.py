@@ -18,7 +18,7 @@ budget window) is a :class:`~circtune.options.BudgetError` that names the rule a
 **The front** (:func:`capacity_front`): every assignment within the parameter window that no other one beats on
 both predicted time (lower) and capacity (higher), computed exactly — not only the supported (convex-hull) points
 a Lagrangian sweep of ``time − λ·capacity`` would find, but the non-supported ones too. The dynamic programme runs
-over parameter totals as :func:`~circtune.problem.exact_optimum` does, keeping at every total the whole Pareto
+over parameter totals as :func:`~circtune.exact.exact_optimum` does, keeping at every total the whole Pareto
 list of (time, capacity) pairs instead of one number; dominated partial assignments are dropped as they appear
 (a partial assignment that another one with the same parameter total beats on both counts can never become part
 of the front, since the remaining layers add the same to both). Equal points within 1e-12 (relative) count as one.
@@ -45,9 +45,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .exact import _MAX_CELLS, knapsack, param_unit
 from .options import BudgetError
 from .preflight import format_count
-from .problem import _MAX_CELLS, Assignment, Option, Problem, _assignment, knapsack, param_unit
+from .problem import Assignment, Option, Problem, _assignment
 
 if TYPE_CHECKING:
     from .capacity import Capacity

@@ -35,8 +35,9 @@ import pandas as pd
 
 from .candidate import Candidate
 from .cost import ok_table, summed_cost
+from .exact import uniform_c3a
 from .models import ModelInfo
-from .problem import Assignment, Problem, to_layer_map, uniform_c3a
+from .problem import Assignment, Problem, to_layer_map
 from .space import lora_rank_for_budget
 
 if TYPE_CHECKING:

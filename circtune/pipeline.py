@@ -30,6 +30,7 @@ from ._search import (
 from .adapters.config import AdapterConfig
 from .allocation import allocate, best_capacity, capacity_front, capacity_pick, eligible, supported_points
 from .baselines import VALIDATED, Baseline, whole_model_baselines
+from .exact import exact_optimum, neighbours, uniform_c3a
 from .measure.store import MeasurementStore, masked_url, this_worker
 from .measure.timing import TimingSettings
 from .models import ModelInfo, build_model
@@ -48,7 +49,7 @@ from .outputs import (
     written_by,
 )
 from .pick_files import allocation_frame, baseline_rows, front_frame
-from .problem import Assignment, Problem, build_problem, exact_optimum, neighbours, to_layer_map, uniform_c3a
+from .problem import Assignment, Problem, build_problem, to_layer_map
 from .report.render import write_report
 from .space import DTYPES, Candidate
 from .validate import Plan, Validation, baseline_plan, candidate_label, candidate_plan, validate, within_noise

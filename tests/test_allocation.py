@@ -24,10 +24,11 @@ from circtune.allocation import (
     supported_points,
     working_budgets,
 )
+from circtune.exact import exact_optimum, neighbours, uniform_c3a
 from circtune.models import TargetLayer
 from circtune.options import ALLOCATIONS as OPTION_ALLOCATIONS
 from circtune.options import BudgetError
-from circtune.problem import Option, Problem, exact_optimum, neighbours, uniform_c3a
+from circtune.problem import Option, Problem
 from circtune.space import Candidate
 
 

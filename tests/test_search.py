@@ -10,10 +10,11 @@ from tiny_models import tiny_roberta
 import circtune
 from circtune._search import ranked_assignments, run_study, trials_frame
 from circtune.cli.main import main
+from circtune.exact import exact_optimum, neighbours, repair, uniform_c3a
 from circtune.measure.store import MeasurementStore, this_worker
 from circtune.models import TargetLayer, build_model
 from circtune.options import BudgetError, parse_budget
-from circtune.problem import Option, Problem, build_problem, exact_optimum, neighbours, repair, uniform_c3a
+from circtune.problem import Option, Problem, build_problem
 from circtune.space import Candidate
 
 

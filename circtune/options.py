@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -42,8 +43,8 @@ ALLOCATIONS = ("balanced", "free")
 SAMPLERS = ("tpe", "nsga2")
 PLOTLYJS = ("inline", "cdn")
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
-# The adapter methods of the method registry (circtune.adapters.methods) and the backends circtune.space knows;
-# both modules import torch, which checking options does not need. A test keeps them equal.
+# The built-in adapter methods of the method registry (circtune.adapters.methods) and the backends circtune.space
+# knows; both modules import torch, which checking options does not need. A test keeps them equal.
 METHOD_CHOICES = ("c3a", "cdvft")
 BACKEND_CHOICES = ("torch", "dense", "triton")
 
@@ -101,6 +102,13 @@ def _choice(name: str, value: Any, accepted: Sequence[str], *, optional: bool = 
     if value not in accepted:
         raise OptionError(name, f"{flag(name)}: {value!r} is not accepted; accepted: {', '.join(accepted)}")
     return value
+
+
+def adapter_methods() -> tuple[str, ...]:
+    """The adapter methods options accept: the registry's when it is loaded (so a method a caller registered counts;
+    it cannot have been registered otherwise), else the built-in ones, without importing torch to find out."""
+    registry = sys.modules.get("circtune.adapters.methods")
+    return registry.method_names("adapter") if registry is not None else METHOD_CHOICES
 
 
 def _names(name: str, value: Any, accepted: Sequence[str] | None = None) -> tuple[str, ...] | None:
@@ -255,7 +263,7 @@ class SearchOptions(ProfileOptions):
         if not 0 <= fill <= 1:
             raise OptionError("min_fill", f"--min-fill must be within [0, 1], got {self.min_fill}")
         v["min_fill"] = fill
-        v["methods"] = _names("methods", self.methods, METHOD_CHOICES)
+        v["methods"] = _names("methods", self.methods, adapter_methods())
         v["backends"] = _names("backends", self.backends, BACKEND_CHOICES)
         v["objective"] = _choice("objective", self.objective, OBJECTIVES)
         v["sampler"] = _choice("sampler", self.sampler, SAMPLERS)

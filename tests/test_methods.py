@@ -12,8 +12,10 @@ from circtune.adapters import methods as registry
 from circtune.adapters.c3a import C3ALinear
 from circtune.adapters.methods import Method, get_method, method_names, register_method
 from circtune.capacity import captured_fraction
+from circtune.errors import OptionError
 from circtune.measure.flops import analytic_flops, count_flops
 from circtune.measure.modules import build_module, peft_available
+from circtune.options import SearchOptions
 from circtune.space import Candidate, expand, parse_space
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
@@ -116,6 +118,10 @@ def test_a_registered_method_goes_through_space_key_config_model_flops_and_capac
                                                                                        block_size=p)
     g = torch.randn(d_out, d_in, dtype=torch.float64)
     assert captured_fraction(g, candidate) == captured_fraction(g, Candidate("c3a", p))
+    # the library's options take it too (the CLI's --methods has only the built-in ones: nothing registers there)
+    assert SearchOptions(methods="c3a, c3a-xavier").methods == ("c3a", "c3a-xavier")
+    with pytest.raises(OptionError, match="accepted: c3a, cdvft, c3a-xavier"):
+        SearchOptions(methods="dora")
 
 
 def test_an_unknown_method_in_a_file_is_named_not_crashed_on():

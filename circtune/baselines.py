@@ -87,8 +87,7 @@ def whole_model_baselines(model: ModelInfo, full: Problem, frame: pd.DataFrame, 
                 score = math.fsum(capacity.score(t, candidate) for t in model.targets)
             except ValueError:  # a block size that does not divide some layer: no capacity there
                 score = None
-        mem = cost.mem_mb if cost.step_ms is not None else None
-        return Baseline(id_, label, params, cost.step_ms, mem, score, layers=layers)
+        return Baseline(id_, label, params, cost.step_ms, cost.mem_mb, score, layers=layers)
 
     out = [Baseline("none", "no adapter", 0, 0.0, 0.0, 0.0 if capacity is not None else None,
                     layers={t.name: Candidate("none") for t in model.targets})]

@@ -16,7 +16,7 @@ from typing import Any
 
 from .adapters import get_backend
 from .adapters.config import LayerConfig
-from .adapters.methods import Method, get_method
+from .adapters.methods import Method, find_method, get_method
 
 
 @dataclass(frozen=True, order=True)
@@ -63,7 +63,7 @@ class Candidate:
         get = (lambda k: getattr(layer, k, None)) if isinstance(layer, LayerConfig) else layer.get
         method = str(get("method"))
         backend = _text(get("backend")) or "torch"
-        spec = _registered(method)
+        spec = find_method(method)
         factors = (_whole(get("factors")) or spec.default_factors) if spec is None or spec.factors else None
         transform = (_text(get("transform")) or "rfft") if uses_transform(backend) else None
         return cls(method, _whole(get("block_size")), factors, transform, backend)
@@ -74,7 +74,7 @@ class Candidate:
         namedtuple (NaN), or a mapping read from measurements.csv."""
         get = row.get if isinstance(row, Mapping) else (lambda k: getattr(row, k, None))
         method = str(get("method"))
-        spec = _registered(method)
+        spec = find_method(method)
         return cls(method, _whole(get("block_size")), _whole(get("factors")) if spec is None or spec.factors else None,
                    _text(get("transform")), _text(get("backend")))
 
@@ -91,18 +91,11 @@ class Candidate:
     @property
     def label(self) -> str:
         """Short human-readable name, e.g. ``c3a p=256 rfft/torch``, ``cdvft p=64 m=3 dense``, ``lora r=8``."""
-        spec = _registered(self.method)
+        spec = find_method(self.method)
         if spec is None:  # a row of a method this installation does not know (a newer circtune's file)
             return " ".join(str(v) for v in (self.method, self.block_size and f"p={self.block_size}",
                                              self.factors and f"factors={self.factors}", self.backend) if v)
         return spec.label(self.block_size, self.factors, self.transform, self.backend)
-
-
-def _registered(method: str) -> Method | None:
-    try:
-        return get_method(method)
-    except ValueError:
-        return None
 
 
 def uses_transform(backend: str) -> bool:

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._capacity_fit import FIT_SEED, als_cdvft2, diagonal_sums, refine_cdvft
-from .adapters.methods import get_method, method_names
+from .adapters.methods import find_method, get_method, method_names
 from .candidate import Candidate
 from .models import TargetLayer
 
@@ -89,11 +89,10 @@ def _name(candidate: Candidate) -> str:
 
 def _expresses(candidate: Candidate) -> str:
     """The set of updates the candidate's method makes (the registry's ``expresses``): each has its rule here."""
-    try:
-        return candidate.spec.expresses
-    except ValueError:
-        raise ValueError(f"no capacity rule for method {candidate.method!r}; known: "
-                         f"{', '.join(method_names())}") from None
+    spec = find_method(candidate.method)
+    if spec is None:
+        raise ValueError(f"no capacity rule for method {candidate.method!r}; known: {', '.join(method_names())}")
+    return spec.expresses
 
 
 def _factors(candidate: Candidate) -> int:

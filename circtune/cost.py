@@ -8,14 +8,13 @@ device — goes through :func:`summed_cost`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
-from .candidate import Candidate
+from .candidate import Candidate, finite_number
 
 Shape = tuple[int, int]
 Table = Mapping[Shape, Mapping[Candidate, Mapping[str, Any]]]
@@ -28,14 +27,6 @@ def ok_table(frame: pd.DataFrame) -> dict[Shape, dict[Candidate, dict[str, Any]]
     for row in frame[frame.status == "ok"].to_dict("records"):
         out.setdefault((int(row["d_in"]), int(row["d_out"])), {})[Candidate.from_row(row)] = row
     return out
-
-
-def _finite(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 @dataclass(frozen=True)
@@ -54,10 +45,10 @@ def summed_cost(layers: Iterable[tuple[str, Shape | None, Candidate]], table: Ta
     step, mem, missing = 0.0, 0.0, []
     for name, shape, c in layers:
         row = (table.get(shape) or {}).get(c) if shape else None
-        ms = _finite(row["step_ms"]) if row is not None else None
+        ms = finite_number(row["step_ms"]) if row is not None else None
         if ms is None:
             missing.append(f"{name}: {c.label}" + ("" if shape else " (shape unknown)"))
             continue
         step += ms
-        mem += _finite(row.get("peak_mem_mb")) or 0.0
+        mem += finite_number(row.get("peak_mem_mb")) or 0.0
     return Cost(None if missing else step, None if missing else mem, tuple(missing))

@@ -100,11 +100,16 @@ def register_method(method: Method) -> Method:
     return method
 
 
+def find_method(name: str) -> Method | None:
+    """The registered method ``name``, or None (a row of a method this installation does not know)."""
+    return _REGISTRY.get(name) if isinstance(name, str) else None
+
+
 def get_method(name: str) -> Method:
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"method={name!r} is not supported; valid methods: {', '.join(_REGISTRY)}") from None
+    method = find_method(name)
+    if method is None:
+        raise ValueError(f"method={name!r} is not supported; valid methods: {', '.join(_REGISTRY)}")
+    return method
 
 
 def method_names(role: str | None = None) -> tuple[str, ...]:
@@ -163,4 +168,4 @@ register_method(Method("lora", "reference", "LoRA", "low-rank", _lora_params, _l
 register_method(Method("peft-c3a", "reference", "PEFT C3A", "block-circulant", _c3a_params, _peft_c3a,
                        _flops.peft_c3a_flops))
 
-__all__ = ["EXPRESSES", "ROLES", "Method", "get_method", "method_names", "register_method"]
+__all__ = ["EXPRESSES", "ROLES", "Method", "find_method", "get_method", "method_names", "register_method"]

@@ -189,6 +189,7 @@ def _landscape(frame: pd.DataFrame, table, picked: dict[tuple[int, int], dict[st
         base_flops = num(base.get("flops_fwd_bwd")) if base else None
         chosen = picked.get(shape, {})
         points, references = [], []
+        adapters = method_names("adapter")
         for c, r in sorted(rows.items(), key=lambda kv: (num(kv[1]["params"]) or 0, kv[0].label)):
             flops = num(r.get("flops_fwd_bwd"))
             pt = {"label": c.label, "method": c.method, "block_size": c.block_size, "factors": c.factors,
@@ -199,7 +200,7 @@ def _landscape(frame: pd.DataFrame, table, picked: dict[tuple[int, int], dict[st
                   "mem_mb": num(r.get("peak_mem_mb")),
                   "flops_added": None if flops is None else flops - (base_flops or 0.0),
                   "picked_layers": chosen.get(c.label, 0)}
-            if c.method in method_names("adapter"):
+            if c.method in adapters:
                 points.append(pt)
             elif c.method != "none":  # the base layer is every other row's reference, not a point
                 references.append(pt)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..adapters.methods import get_method
+from ..adapters.methods import find_method
 from ..candidate import Candidate
 from ..outputs import CONFIG_FILE
 from .folder import RunFolder, flag, integer, num, short_modules, split_layer_name, text
@@ -32,10 +32,8 @@ _COMPARED = ("lora", "peft-c3a", "uniform-c3a")  # the baselines the verdict nam
 def _varies_in_factors(method: str) -> bool:
     """Whether a family of ``method``'s points varies in ``factors``: LoRA's (keyed by its rank alone) does; one keyed
     by a block size varies in that and holds its factors fixed (CDVFT's m). Unknown methods: as LoRA."""
-    try:
-        return not get_method(method).block_size
-    except ValueError:
-        return True
+    spec = find_method(method)
+    return spec is None or not spec.block_size
 
 
 def _capacity_by_label(front: pd.DataFrame | None) -> dict[str, float]:

@@ -28,19 +28,9 @@ import pandas as pd
 
 from .errors import OptionError
 from .options import SEARCH_SHAPE, ProfileOptions, SearchOptions, make_options, option_names
-from .outputs import (
-    ALLOCATION_FILE,
-    CONFIG_FILE,
-    FRONT_FILE,
-    PEFT_CONFIG_FILE,
-    REPORT_FILE,
-    TRIALS_FILE,
-    VALIDATION_FILE,
-    RunFiles,
-)
+from .outputs import RunFiles
 from .profiling import PROFILE_FILES, Profiled, command_line, profile_to_folder, with_dtype
 
-SEARCH_FILES = (CONFIG_FILE, PEFT_CONFIG_FILE, TRIALS_FILE, VALIDATION_FILE, FRONT_FILE, ALLOCATION_FILE, REPORT_FILE)
 # Calibration texts per forward-backward pass (gradients are accumulated over all of them).
 CALIBRATION_BATCH = 8
 
@@ -156,7 +146,7 @@ def _search(opts: SearchOptions) -> SearchResult:
     import torch
 
     from .measure.device import default_device
-    from .pipeline import check_named_study, run_search
+    from .pipeline import SEARCH_FILES, check_named_study, run_search
     from .space import resolve_dtype
 
     device = torch.device(opts.device) if opts.device else default_device()  # auto: bf16 if *this* device has it

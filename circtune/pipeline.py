@@ -54,6 +54,8 @@ from .report.render import write_report
 from .space import DTYPES, Candidate
 from .validate import Plan, Validation, baseline_plan, candidate_label, candidate_plan, validate, within_noise
 
+# Every file a search may write after profiling (the folder is checked for them before anything is measured).
+SEARCH_FILES = (CONFIG_FILE, PEFT_CONFIG_FILE, TRIALS_FILE, VALIDATION_FILE, FRONT_FILE, ALLOCATION_FILE, REPORT_FILE)
 # measured_overhead_ms*: the per-pair differences (adapted minus frozen step, timed side by side); overhead_pct: of
 # the frozen model's median step in the same window; within_noise_of_pick: validate.within_noise against the pick.
 VALIDATION_COLUMNS = ("label", "kind", "baseline", "total_params", "predicted_overhead_ms", "measured_overhead_ms",
